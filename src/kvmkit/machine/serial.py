@@ -1,0 +1,254 @@
+"""A 16550A on the bus and its host end: batched output, back-pressured input.
+
+The UART model is pure; this module decides *when* bytes cross between it
+and the host, which is what makes a serial console fast or slow:
+
+* Output leaves the TX FIFO in bursts. A full FIFO is drained by the host
+  loop soon after the guest's interrupt handler has returned, so the next
+  THRE interrupt starts a fresh short handler pass instead of making the
+  8250 driver loop ("too much work for irq"); a partial burst is drained
+  after a short flush interval; a guest polling LSR (the printk console)
+  gets its FIFO drained on the spot. One host write carries a whole burst.
+* Output is buffered up to a bound. When the host end stalls and the
+  buffer is full, the FIFO is simply not drained: THRE stays clear and the
+  guest waits, as it would for a slow line. Nothing is dropped.
+* Input is read from the host only when the RX FIFO has room, and only as
+  many bytes as fit; when it is full the fd leaves the poll set until the
+  guest reads RBR. Nothing is dropped there either.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ..devices.base import IrqCallback
+from ..devices.uart16550 import Uart16550
+from ..host.backends import Backend, UnixSocketBackend
+from ..host.loop import EventLoop, TimerHandle
+
+UART_LSR = 5
+UART_THR = 0
+FIFO_SIZE = 16
+OUTPUT_LIMIT = 64 * 1024       # bytes kept for a stalled host end before THRE stays clear
+FLUSH_INTERVAL = 0.001         # seconds a partial TX burst may wait for more bytes
+CTI_DELAY = 0.0005             # seconds of RX silence before the character timeout
+
+
+@dataclass
+class SerialCounters:
+    host_writes: int = 0       # write() calls to the host end
+    host_bytes_out: int = 0
+    host_reads: int = 0
+    host_bytes_in: int = 0
+    input_pauses: int = 0      # times input was stopped because the RX FIFO was full
+    output_stalls: int = 0     # drains refused because the output buffer was full
+
+
+class SerialPort:
+    """Bus device for one COM port: the UART model plus its host end."""
+
+    def __init__(self, name: str, loop: EventLoop, backend: Backend, irq: IrqCallback,
+                 *, fifo: bool = True, output_limit: int = OUTPUT_LIMIT) -> None:
+        self.name = name
+        self.loop = loop
+        self.backend = backend
+        self.lock = threading.RLock()
+        self.uart = Uart16550(irq, fifo=fifo, on_tx=self._on_tx, on_rx_space=self._on_rx_space)
+        self.fifo_size = FIFO_SIZE if fifo else 1
+        self.output_limit = output_limit
+        self.outbuf = bytearray()
+        self.counters = SerialCounters()
+        self._drain_soon = False
+        self._drain_timer = False
+        self._reading = False
+        self._writing = False
+        self._eof = False
+        self._cti: TimerHandle | None = None
+        self._closed = False
+
+    # --- guest side (vCPU threads) -------------------------------------------
+    def io_read(self, offset: int, size: int) -> int:
+        value = 0
+        with self.lock:
+            for i in range(size):
+                reg = offset + i
+                if reg == UART_LSR and self.uart.tx_pending():
+                    # A guest polling for THRE (console write, startup tests):
+                    # hand the burst to the host now rather than make it spin.
+                    self._drain_locked()
+                byte = self.uart.read(reg) if 0 <= reg < 8 else 0xFF
+                value |= (byte & 0xFF) << (8 * i)
+        return value
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            for i in range(size):
+                reg = offset + i
+                if 0 <= reg < 8:
+                    self.uart.write(reg, (value >> (8 * i)) & 0xFF)
+            if self.uart.tx_pending() >= self.fifo_size and not self._drain_soon:
+                self._drain_soon = True
+                self.loop.call_soon(self._drain_from_loop)
+
+    def _on_tx(self) -> None:
+        # Called under self.lock by the model when the TX FIFO becomes non-empty.
+        if not self._drain_timer and not self._closed:
+            self._drain_timer = True
+            self.loop.call_soon_later(FLUSH_INTERVAL, self._flush_timer)
+
+    def _on_rx_space(self) -> None:
+        if not self._reading and not self._closed:
+            self.loop.call_soon(self._resume_input)
+
+    # --- host side (loop thread) ----------------------------------------------
+    def start(self) -> None:
+        self.backend.open()
+        if isinstance(self.backend, UnixSocketBackend) and self.backend.listener is not None:
+            self.loop.add_reader(self.backend.listener.fileno(), self._accept)
+        self._resume_input()
+
+    def _accept(self) -> None:
+        b = self.backend
+        if isinstance(b, UnixSocketBackend) and b.accept():
+            self._resume_input()
+            self._flush_output()
+
+    def _drain_locked(self) -> int:
+        """Move TX FIFO bytes to the output buffer, as far as the bound allows."""
+        room = self.output_limit - len(self.outbuf)
+        if room <= 0:
+            self.counters.output_stalls += 1
+            return 0
+        data = self.uart.take_tx(room)
+        if data:
+            self.outbuf += data
+            if not self._writing:
+                self._writing = True
+                self.loop.call_soon(self._flush_output)
+        return len(data)
+
+    def _drain_from_loop(self) -> None:
+        with self.lock:
+            self._drain_soon = False
+            self._drain_locked()
+
+    def _flush_timer(self) -> None:
+        with self.lock:
+            self._drain_timer = False
+            self._drain_locked()
+
+    def _flush_output(self) -> None:
+        """Write what the buffer holds; keep the rest for when the host end is writable."""
+        with self.lock:
+            data = bytes(self.outbuf)
+        if not data:
+            self._writing = False
+            return
+        n = self.backend.write(data)
+        if n > 0:
+            self.counters.host_writes += 1
+            self.counters.host_bytes_out += n
+        with self.lock:
+            del self.outbuf[:n]
+            remaining = len(self.outbuf)
+            if self.uart.tx_pending() and remaining < self.output_limit:
+                self._drain_locked()
+                remaining = len(self.outbuf)
+        fd = self.backend.output_fd
+        if remaining:
+            if fd is not None:
+                self.loop.add_writer(fd, self._on_writable)
+            # else: a socket backend with no client yet; _accept flushes later.
+        else:
+            if fd is not None:
+                self.loop.remove_writer(fd)
+            with self.lock:
+                self._writing = bool(self.outbuf)
+
+    def _on_writable(self) -> None:
+        self._flush_output()
+
+    def _resume_input(self) -> None:
+        fd = self.backend.input_fd
+        if fd is None or self._eof or self._closed:
+            return
+        if not self._reading:
+            self._reading = True
+            self.loop.add_reader(fd, self._on_input)
+
+    def _pause_input(self) -> None:
+        fd = self.backend.input_fd
+        if self._reading:
+            self._reading = False
+            self.counters.input_pauses += 1
+            if fd is not None:
+                self.loop.remove_reader(fd)
+
+    def _on_input(self) -> None:
+        with self.lock:
+            space = self.uart.rx_space()
+        if space <= 0:
+            self._pause_input()
+            return
+        fd_before = self.backend.input_fd
+        data = self.backend.read(space)
+        if data is None:
+            return
+        if data == b"":
+            if fd_before is not None:
+                self.loop.remove_reader(fd_before)
+            self._reading = False
+            if not isinstance(self.backend, UnixSocketBackend):
+                self._eof = True
+            return
+        self.counters.host_reads += 1
+        self.counters.host_bytes_in += len(data)
+        with self.lock:
+            accepted = self.uart.receive(data)
+            # rx_space() said there was room for all of it.
+            assert accepted == len(data), (accepted, len(data))
+            full = self.uart.rx_space() == 0
+            cti = self.uart.cti_armed
+        if full:
+            self._pause_input()
+        if cti:
+            if self._cti is not None:
+                self._cti.cancel()
+            self._cti = self.loop.call_later(CTI_DELAY, self._character_timeout)
+
+    def _character_timeout(self) -> None:
+        self._cti = None
+        with self.lock:
+            self.uart.character_timeout()
+
+    def close(self) -> None:
+        """Flush what is buffered (best effort, non-blocking) and close the host end."""
+        self._closed = True
+        with self.lock:
+            self.uart.take_tx  # noqa: B018  (model stays valid)
+            try:
+                self._drain_locked()
+            except Exception:
+                pass
+            data = bytes(self.outbuf)
+            self.outbuf.clear()
+        if data:
+            self._write_all_blocking(data)
+        self.backend.close()
+
+    def _write_all_blocking(self, data: bytes, timeout: float = 2.0) -> None:
+        import select
+        import time
+        deadline = time.monotonic() + timeout
+        fd = self.backend.output_fd
+        while data and time.monotonic() < deadline:
+            n = self.backend.write(data)
+            if n > 0:
+                self.counters.host_writes += 1
+                self.counters.host_bytes_out += n
+                data = data[n:]
+            elif fd is not None:
+                select.select([], [fd], [], max(0.0, deadline - time.monotonic()))
+            else:
+                break

@@ -1,0 +1,220 @@
+"""The vCPU loop: the only code that reads kvm_run.
+
+Each vCPU runs on its own thread. KVM_RUN is called through ctypes, which
+drops the GIL, so a guest executing or halted in the kernel costs the rest
+of kvmkit nothing. An exit is decoded here and handed to a bus or to the
+machine; the hot path (port I/O) avoids allocation and attribute lookups
+beyond the few it needs, because on a nested host each exit already costs
+tens of microseconds before Python sees it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from ..kvm import constants as c
+from ..kvm.system import Vcpu
+from ..profile.exits import VcpuExitStats
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+EXIT_IO = c.ExitReason.IO
+EXIT_MMIO = c.ExitReason.MMIO
+
+# A hook gets the vCPU and the exit reason and returns True when it handled
+# the exit (the loop re-enters the guest), False to fall through.
+ExitHook = Callable[[Vcpu, int], bool]
+
+
+def describe_internal_error(vcpu: Vcpu, read_guest: Callable[[int, int], bytes]) -> str:
+    """One sentence for KVM_EXIT_INTERNAL_ERROR: suberror, RIP and the instruction bytes."""
+    run = vcpu.run
+    sub = run.internal.suberror
+    try:
+        sub_name = c.InternalErrorSuberror(sub).name.lower().replace("_", " ")
+    except ValueError:
+        sub_name = f"suberror {sub}"
+    insn = b""
+    ef = run.emulation_failure
+    if sub == c.InternalErrorSuberror.EMULATION and ef.ndata >= 2 and ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+        insn = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+    try:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        rip = regs.rip
+        linear = (sregs.cs.base + rip) & 0xFFFF_FFFF_FFFF_FFFF
+        if not insn:
+            try:
+                tr = vcpu.translate(linear)
+                if tr.valid:
+                    insn = read_guest(tr.physical_address, 15)
+            except Exception:
+                insn = b""
+        where = f"rip={rip:#x} (cs={sregs.cs.selector:#x}, cpl={sregs.cs.dpl})"
+    except Exception as e:  # the vCPU may be in a state KVM refuses to report
+        where = f"rip unknown ({e})"
+    data = " ".join(f"{run.internal.data[i]:#x}" for i in range(min(run.internal.ndata, 16)))
+    insn_text = insn.hex(" ") if insn else "unavailable"
+    return (f"KVM could not run the guest (KVM_EXIT_INTERNAL_ERROR, {sub_name}) on vCPU {vcpu.id} at {where}; "
+            f"instruction bytes: {insn_text}" + (f"; data: {data}" if data else "")
+            + ". The guest executed something this host's KVM cannot handle: check the kernel and CPU features (see --quirks).")
+
+
+class VcpuRunner:
+    """Runs one vCPU until the machine stops."""
+
+    def __init__(self, machine: "Machine", vcpu: Vcpu) -> None:
+        self.machine = machine
+        self.vcpu = vcpu
+        self.stats = VcpuExitStats(vcpu.id)
+        self.thread: threading.Thread | None = None
+        self.exit_hooks: dict[int, list[ExitHook]] = {}
+        self.account = True
+
+    def add_exit_hook(self, reason: int, hook: ExitHook) -> None:
+        self.exit_hooks.setdefault(int(reason), []).append(hook)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"kvmkit-vcpu{self.vcpu.id}", daemon=True)
+        self.thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self.loop()
+        except BaseException as e:  # report, never die silently
+            log.exception("vCPU %d loop failed", self.vcpu.id)
+            self.machine.request_stop(1, f"vCPU {self.vcpu.id} stopped on an internal kvmkit error: {e}")
+
+    def loop(self) -> None:
+        vcpu = self.vcpu
+        run = vcpu.run
+        mm = vcpu.run_mmap
+        machine = self.machine
+        pio_read = machine.pio_bus.read
+        pio_write = machine.pio_bus.write
+        mmio_read = machine.mmio_bus.read
+        mmio_write = machine.mmio_bus.write
+        stats = self.stats
+        exits = stats.exits
+        pio_counts = stats.pio
+        mmio_counts = stats.mmio
+        account = self.account
+        io = run.io
+        mmio = run.mmio
+        kvm_run = vcpu.kvm_run
+        clock = time.perf_counter_ns
+        mmap_size = len(mm)
+        run_ns = 0
+        handler_ns = 0
+        t_exit = clock()
+        try:
+            while not machine.stopping:
+                t_enter = clock()
+                handler_ns += t_enter - t_exit
+                ret = kvm_run()
+                t_exit = clock()
+                run_ns += t_exit - t_enter
+                if ret < 0:
+                    stats.kicks += 1
+                    run.immediate_exit = 0
+                    continue
+                reason = run.exit_reason
+                exits[reason] += 1
+                if reason == EXIT_IO:
+                    size = io.size
+                    port = io.port
+                    count = io.count
+                    off = io.data_offset
+                    if size not in (1, 2, 4) or off + size * count > mmap_size or count > 4096:
+                        machine.request_stop(1, f"KVM reported a malformed I/O exit (port {port:#x}, size {size}, count {count})")
+                        break
+                    if io.direction == c.KVM_EXIT_IO_OUT:
+                        if account:
+                            pio_counts[(port, "out")] += 1
+                        if count == 1:
+                            pio_write(port, size, int.from_bytes(mm[off:off + size], "little"))
+                        else:
+                            for i in range(count):
+                                p = off + i * size
+                                pio_write(port, size, int.from_bytes(mm[p:p + size], "little"))
+                    else:
+                        if account:
+                            pio_counts[(port, "in")] += 1
+                        for i in range(count):
+                            p = off + i * size
+                            mm[p:p + size] = pio_read(port, size).to_bytes(size, "little")
+                    continue
+                if reason == EXIT_MMIO:
+                    length = mmio.len
+                    addr = mmio.phys_addr
+                    if not 1 <= length <= 8:
+                        machine.request_stop(1, f"KVM reported a malformed MMIO exit (address {addr:#x}, length {length})")
+                        break
+                    if mmio.is_write:
+                        if account:
+                            mmio_counts[(addr & ~0xFFF, "w")] += 1
+                        mmio_write(addr, length, int.from_bytes(bytes(mmio.data[:length]), "little"))
+                    else:
+                        if account:
+                            mmio_counts[(addr & ~0xFFF, "r")] += 1
+                        value = mmio_read(addr, length)
+                        ctypes.memmove(mmio.data, value.to_bytes(8, "little"), 8)
+                    continue
+                if not self._slow_exit(reason):
+                    break
+        finally:
+            stats.run_ns += run_ns
+            stats.handler_ns += handler_ns + (clock() - t_exit)
+
+    def _slow_exit(self, reason: int) -> bool:
+        """Exits that are rare enough for readable code. Returns False to leave the loop."""
+        for hook in self.exit_hooks.get(reason, ()):
+            if hook(self.vcpu, reason):
+                return True
+        machine = self.machine
+        run = self.vcpu.run
+        vid = self.vcpu.id
+        if reason == c.ExitReason.HLT:
+            machine.request_stop(0, f"vCPU {vid} halted with interrupts off (guest stopped)")
+            return False
+        if reason == c.ExitReason.SHUTDOWN:
+            rip = self._rip()
+            machine.request_stop(2, f"the guest triple-faulted on vCPU {vid} (KVM_EXIT_SHUTDOWN, last rip={rip}); "
+                                    "this is how a crashing kernel (or reboot=t) resets the machine")
+            return False
+        if reason == c.ExitReason.SYSTEM_EVENT:
+            etype = run.system_event.type
+            if etype == c.SystemEvent.SHUTDOWN:
+                machine.request_stop(0, "guest powered off")
+            elif etype == c.SystemEvent.RESET:
+                machine.request_stop(0, "guest requested a reset", reset=True)
+            elif etype == c.SystemEvent.CRASH:
+                machine.request_stop(1, f"guest reported a crash (system event) on vCPU {vid}")
+            else:
+                machine.request_stop(1, f"guest system event {etype} on vCPU {vid}")
+            return False
+        if reason == c.ExitReason.INTERNAL_ERROR:
+            machine.request_stop(1, describe_internal_error(self.vcpu, machine.read_guest_safe))
+            return False
+        if reason == c.ExitReason.FAIL_ENTRY:
+            fe = run.fail_entry
+            machine.request_stop(1, f"KVM could not enter the guest on vCPU {vid} (KVM_EXIT_FAIL_ENTRY, hardware reason "
+                                    f"{fe.hardware_entry_failure_reason:#x} on host CPU {fe.cpu}); the vCPU state is invalid.")
+            return False
+        if reason in (c.ExitReason.INTR, c.ExitReason.IRQ_WINDOW_OPEN):
+            return True
+        machine.request_stop(1, f"unexpected exit {c.exit_reason_name(reason)} on vCPU {vid} at rip={self._rip()}")
+        return False
+
+    def _rip(self) -> str:
+        try:
+            return f"{self.vcpu.get_regs().rip:#x}"
+        except Exception:
+            return "unknown"
