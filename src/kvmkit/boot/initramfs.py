@@ -1,0 +1,216 @@
+"""newc cpio archives (the Linux initramfs format), written and read in pure Python.
+
+An initramfs is how kvmkit gives a guest a userland without a disk device:
+the kernel unpacks the cpio archive into its root tmpfs and runs /init. The
+writer needs no external cpio so tests and `kvmkit run` work anywhere; the
+reader exists so tests can check what was built. Format: the "new ASCII"
+(070701) header of 13 eight-digit hex fields, name and data each padded to
+4 bytes, ended by a TRAILER!!! entry (Documentation/driver-api/early-userspace/
+buffer-format.rst).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BootError
+
+NEWC_MAGIC = b"070701"
+HEADER_SIZE = 110
+TRAILER = "TRAILER!!!"
+FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize",
+          "devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check")
+
+INIT_MARKER = "kvmkit initramfs: /init started"
+BUSYBOX_APPLETS = (
+    "sh", "ash", "ls", "cat", "echo", "mount", "umount", "uname", "poweroff", "reboot", "halt",
+    "dmesg", "mkdir", "rm", "cp", "mv", "ln", "ps", "kill", "sleep", "grep", "sed", "head",
+    "tail", "wc", "stty", "setsid", "cttyhack", "sync", "true", "false", "test", "[", "env",
+    "printf", "date", "free", "uptime", "hexdump", "dd", "mknod", "chmod", "top", "vi", "clear",
+)
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One archive member: ``mode`` includes the file type bits (stat.S_IFREG, ...)."""
+
+    name: str
+    mode: int
+    data: bytes = b""
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    rdevmajor: int = 0
+    rdevminor: int = 0
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_chardev(self) -> bool:
+        return stat.S_ISCHR(self.mode)
+
+
+def directory(name: str, mode: int = 0o755) -> CpioEntry:
+    return CpioEntry(name, stat.S_IFDIR | mode, nlink=2)
+
+
+def file(name: str, data: bytes, mode: int = 0o644) -> CpioEntry:
+    return CpioEntry(name, stat.S_IFREG | mode, data)
+
+
+def symlink(name: str, target: str) -> CpioEntry:
+    return CpioEntry(name, stat.S_IFLNK | 0o777, target.encode())
+
+
+def chardev(name: str, major: int, minor: int, mode: int = 0o600) -> CpioEntry:
+    return CpioEntry(name, stat.S_IFCHR | mode, rdevmajor=major, rdevminor=minor)
+
+
+def _pad4(n: int) -> int:
+    return (4 - n % 4) % 4
+
+
+def _member(ino: int, e: CpioEntry) -> bytes:
+    name = e.name.lstrip("/").encode() + b"\0"
+    values = (ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, len(e.data), 0, 0,
+              e.rdevmajor, e.rdevminor, len(name), 0)
+    head = NEWC_MAGIC + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in values)
+    return head + name + b"\0" * _pad4(HEADER_SIZE + len(name)) + e.data + b"\0" * _pad4(len(e.data))
+
+
+def write_cpio(entries: list[CpioEntry], compress: bool = False) -> bytes:
+    """Serialize ``entries`` (parents before children) as a newc archive, optionally gzipped."""
+    out = bytearray()
+    for ino, e in enumerate(entries, start=1):
+        if not e.name.strip("/") or len(e.data) > 0xFFFFFFFF:
+            raise BootError(f"cpio entry {e.name!r} has an empty name or is larger than 4 GiB; fix the initramfs contents.")
+        out += _member(ino, e)
+    out += _member(0, CpioEntry(TRAILER, 0, nlink=1))
+    # The kernel reads the archive in 512-byte blocks, like cpio(1) writes it.
+    out += b"\0" * _pad_to(len(out), 512)
+    return gzip.compress(bytes(out), mtime=0) if compress else bytes(out)
+
+
+def _pad_to(n: int, block: int) -> int:
+    return (block - n % block) % block
+
+
+def entries_from_directory(root: Path) -> list[CpioEntry]:
+    """Every file, directory, symlink and device under ``root``, with its mode and owner."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BootError(f"{root} is not a directory, so no initramfs can be built from it; pass a directory.")
+    out: list[CpioEntry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames) + sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                data = os.readlink(path).encode()
+            elif stat.S_ISREG(st.st_mode):
+                data = path.read_bytes()
+            else:
+                data = b""
+            rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
+            out.append(CpioEntry(rel, st.st_mode, data, st.st_uid, st.st_gid, int(st.st_mtime),
+                                 os.major(rdev), os.minor(rdev), 2 if stat.S_ISDIR(st.st_mode) else 1))
+    return out
+
+
+def cpio_from_directory(root: Path, compress: bool = False) -> bytes:
+    return write_cpio(entries_from_directory(root), compress)
+
+
+def read_cpio(data: bytes) -> list[CpioEntry]:
+    """Parse a (possibly gzipped) newc archive up to its trailer."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise BootError(f"the gzipped initramfs is corrupt ({exc}); rebuild it.") from exc
+    out: list[CpioEntry] = []
+    pos = 0
+    while True:
+        if pos + HEADER_SIZE > len(data) or data[pos:pos + 6] != NEWC_MAGIC:
+            raise BootError(f"no newc cpio header at offset {pos:#x} of the initramfs, so it is truncated or not newc; rebuild it.")
+        try:
+            f = dict(zip(FIELDS, (int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13))))
+        except ValueError as exc:
+            raise BootError(f"the cpio header at offset {pos:#x} has a non-hex field; rebuild the initramfs.") from exc
+        name_start = pos + HEADER_SIZE
+        name_end = name_start + f["namesize"]
+        data_start = name_end + _pad4(HEADER_SIZE + f["namesize"])
+        data_end = data_start + f["filesize"]
+        if f["namesize"] == 0 or data_end > len(data):
+            raise BootError(f"the cpio member at offset {pos:#x} runs past the end of the archive; rebuild the initramfs.")
+        name = data[name_start:name_end].rstrip(b"\0").decode("utf-8", "replace")
+        if name == TRAILER:
+            return out
+        out.append(CpioEntry(name, f["mode"], bytes(data[data_start:data_end]), f["uid"], f["gid"],
+                             f["mtime"], f["rdevmajor"], f["rdevminor"], f["nlink"]))
+        pos = data_end + _pad4(f["filesize"])
+
+
+def init_script(script: str | None = None) -> str:
+    """The /init shell script: mount the pseudo filesystems, say so, then run a shell or ``script``.
+
+    The marker line lets a test see userspace start without a prompt to parse.
+    After the shell (or the script) exits it powers off, because /init
+    exiting would make the kernel panic.
+    """
+    body = script if script is not None else (
+        "# A shell with a controlling terminal, so job control and ^C work.\n"
+        "setsid cttyhack sh || sh\n")
+    return (
+        "#!/bin/sh\n"
+        "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n"
+        "mount -t proc proc /proc\n"
+        "mount -t sysfs sysfs /sys\n"
+        "mount -t devtmpfs devtmpfs /dev 2>/dev/null\n"
+        f"echo '{INIT_MARKER}'\n"
+        f"{body.rstrip()}\n"
+        "poweroff -f\n"
+    )
+
+
+def busybox_initramfs(busybox: Path | None = None, script: str | None = None, compress: bool = False) -> bytes:
+    """A minimal system from a static busybox: /bin/busybox, applet links, /dev/console and /init.
+
+    The binary must be static (Debian's busybox-static), since the archive
+    carries no libc; ``script`` replaces the interactive shell, for tests.
+    """
+    if busybox is None:
+        busybox = next((p for p in (Path("/bin/busybox"), Path("/usr/bin/busybox")) if p.exists()), Path("/bin/busybox"))
+    busybox = Path(busybox)
+    try:
+        binary = busybox.read_bytes()
+    except OSError as exc:
+        raise BootError(f"cannot read busybox at {busybox} ({exc.strerror}); install it with 'apt-get install busybox-static'.") from exc
+    if binary[:4] != b"\x7fELF":
+        raise BootError(f"{busybox} is not an ELF executable; install the static busybox with 'apt-get install busybox-static'.")
+    if b"/lib64/ld-linux" in binary[:4096]:
+        raise BootError(f"{busybox} is dynamically linked and would not run without a libc; install 'busybox-static'.")
+    entries = [directory(d) for d in ("bin", "dev", "etc", "proc", "root", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin")]
+    entries.append(chardev("dev/console", 5, 1))
+    entries.append(chardev("dev/null", 1, 3, 0o666))
+    entries.append(file("bin/busybox", binary, 0o755))
+    entries += [symlink(f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS]
+    entries.append(file("init", init_script(script).encode(), 0o755))
+    return write_cpio(entries, compress)
