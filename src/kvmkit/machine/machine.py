@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..devices.misc import EXIT_PORT, I8042, ExitPort, PortSink
 from ..errors import KvmkitError
@@ -32,6 +32,9 @@ from .cpu import LongModeEntry, build_cpuid, set_long_mode
 from .irq import IrqLine
 from .serial import SerialPort
 from .vcpu import VcpuRunner
+
+if TYPE_CHECKING:
+    from ..boot.linux import BootInfo
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,18 @@ class Machine:
             self.loop.call_soon(port._flush_output)
 
     # --- loading ---------------------------------------------------------------
+    def boot(self, kernel: bytes, initrd: bytes | None = None, cmdline: str = "") -> "BootInfo":
+        """Load a bzImage or ELF kernel (Linux or the bundled guest) and point vCPU 0 at it."""
+        from ..boot.linux import load_linux
+        assert self.mem is not None
+        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=self.config.cpus)
+        self.boot_info = info
+        self.set_entry(LongModeEntry(
+            rip=info.rip, rsi=info.rsi, cr3=info.cr3, gdt_base=info.gdt_base, gdt_limit=info.gdt_limit,
+            code_selector=info.code_selector, data_selector=info.data_selector, rsp=info.rsp,
+            cr0=info.cr0, cr4=info.cr4, efer=info.efer))
+        return info
+
     def set_entry(self, entry: LongModeEntry) -> None:
         """Start every vCPU at a 64-bit entry (APs are parked by the guest's own SMP bring-up)."""
         set_long_mode(self.runners[0].vcpu, entry)
@@ -340,3 +355,17 @@ class _Window:
 
 
 _ = (sys, NullBackend)
+
+
+def parse_size(text: str | int) -> int:
+    """``256M``, ``1G``, ``512K`` or a bare number of MiB (as lkvm takes it) -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t) * MiB
+    except ValueError:
+        raise KvmkitError(f"cannot read memory size {text!r}; write it like 256M or 1G.") from None

@@ -1,0 +1,177 @@
+"""The Python API: start a VM, talk to its console, stop it.
+
+Meant for tests and scripts::
+
+    with kvmkit.VirtualMachine(script="echo hello") as vm:
+        vm.console.wait_for("hello")
+    assert vm.status == 0
+
+The console is COM1 connected to a socket pair; a reader thread collects
+everything the guest prints so ``wait_for`` never misses output that came
+before it was called.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .errors import KvmkitError
+from .host.backends import Backend, NullBackend, SocketPairBackend
+from .machine.machine import Machine, MachineConfig, parse_size
+
+DEFAULT_GUEST_CMDLINE = "console=ttyS0"
+
+
+class ConsoleTimeout(KvmkitError, TimeoutError):
+    """The text did not appear on the console in time."""
+
+
+class ConsoleTap:
+    """The test's end of COM1: everything the guest wrote, and a way to type."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._eof = False
+        self._pos = 0
+        self._thread = threading.Thread(target=self._reader, name="kvmkit-console-tap", daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                self._buf += data
+                self._cond.notify_all()
+
+    @property
+    def output(self) -> bytes:
+        with self._cond:
+            return bytes(self._buf)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", errors="replace")
+
+    def send(self, data: bytes | str) -> None:
+        """Type into the guest; the VM takes it as fast as the guest reads it."""
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def wait_for(self, pattern: str | bytes | re.Pattern, timeout: float = 30.0, *, since_last: bool = True) -> str:
+        """Wait until ``pattern`` (text or regex) appears; returns the output up to and including it.
+
+        With ``since_last`` the search starts after the previous match, so a
+        dialogue of prompts and answers reads naturally.
+        """
+        if isinstance(pattern, str):
+            rx = re.compile(re.escape(pattern.encode()))
+        elif isinstance(pattern, bytes):
+            rx = re.compile(re.escape(pattern))
+        else:
+            rx = re.compile(pattern.pattern.encode() if isinstance(pattern.pattern, str) else pattern.pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                start = self._pos if since_last else 0
+                m = rx.search(self._buf, start)
+                if m:
+                    self._pos = m.end()
+                    return self._buf[start:m.end()].decode("utf-8", errors="replace")
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    tail = self._buf[-2000:].decode("utf-8", errors="replace")
+                    raise ConsoleTimeout(f"{pattern!r} did not appear on the console within {timeout} s; last output:\n{tail}")
+                self._cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class VirtualMachine:
+    """A VM running in this process, its console on a socket pair.
+
+    ``kernel=None`` boots the bundled guest; ``script`` is then the list of
+    guest commands it runs (after which it powers off, unless the script
+    ends with ``shell``).
+    """
+
+    def __init__(self, kernel: str | Path | None = None, initrd: str | Path | None = None,
+                 append: str | None = None, script: str | None = None, mem: str | int = "256M",
+                 cpus: int = 1, serial_fifo: bool = True, extra_ports: list[Backend] | None = None,
+                 cpuid_clear: dict[tuple[int, str], int] | None = None) -> None:
+        self.console_backend = SocketPairBackend()
+        backends: list[Backend] = [self.console_backend] + (extra_ports or [NullBackend(), NullBackend(), NullBackend()])
+        cfg = MachineConfig(mem_size=parse_size(mem), cpus=cpus, serial_fifo=serial_fifo,
+                            cpuid_clear=dict(cpuid_clear or {}))
+        self.machine = Machine(cfg, backends=backends)
+        self.console = ConsoleTap(self.console_backend.peer)
+        try:
+            if kernel is None:
+                from .boot.bundled import bundled_guest
+                image = bundled_guest().read_bytes()
+                cmdline = append if append is not None else DEFAULT_GUEST_CMDLINE
+                if script:
+                    cmdline += " -- " + script
+            else:
+                image = Path(kernel).read_bytes()
+                cmdline = append or ""
+            initrd_data = Path(initrd).read_bytes() if initrd is not None else None
+            self.boot_info = self.machine.boot(image, initrd_data, cmdline)
+        except BaseException:
+            self.close()
+            raise
+        self._started = False
+
+    @property
+    def status(self) -> int | None:
+        return self.machine.status
+
+    @property
+    def stop_message(self) -> str:
+        return self.machine.stop_message
+
+    def start(self) -> "VirtualMachine":
+        self.machine.start()
+        self._started = True
+        return self
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.machine.wait(timeout)
+
+    def stop(self, status: int = 0, message: str = "stopped by the API") -> int | None:
+        self.machine.request_stop(status, message)
+        return self.machine.wait(10)
+
+    def close(self) -> None:
+        if getattr(self, "_started", False):
+            self.machine.shutdown()
+            self._started = False
+        self.console.close()
+        self.machine.close()
+
+    def __enter__(self) -> "VirtualMachine":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.machine.status is None:
+            self.stop()
+        self.close()

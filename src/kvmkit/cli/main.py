@@ -1,0 +1,208 @@
+"""kvmkit's command line: argument parsing only; the work happens in the layers below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..errors import KvmkitError
+
+EPILOG_RUN = """\
+With no --kernel, kvmkit boots its bundled guest; any words after the options
+are a command script for it, e.g.  kvmkit run echo hello \\; poweroff 0
+Serial backends: stdio, file:PATH, unix:PATH, pty, none (present, discards
+output), off (no device). On the terminal: Ctrl-A x quits, Ctrl-A s prints
+exit statistics, Ctrl-A Ctrl-A sends Ctrl-A.
+Exit status: the guest's (exit port or poweroff = 0), 2 triple fault,
+1 VMM or KVM error, 130/143 on SIGINT/SIGTERM."""
+
+
+def _serial_specs(items: list[str]) -> list[str]:
+    specs = ["stdio", "none", "none", "none"]
+    nxt = 0
+    for item in items:
+        if "=" in item and item.split("=", 1)[0].upper().startswith("COM"):
+            name, spec = item.split("=", 1)
+            try:
+                idx = int(name[3:]) - 1
+            except ValueError:
+                raise KvmkitError(f"cannot read serial port name {name!r}; use COM1 to COM4.") from None
+            if not 0 <= idx < 4:
+                raise KvmkitError(f"serial port {name} does not exist; use COM1 to COM4.")
+            specs[idx] = spec
+            nxt = idx + 1
+        else:
+            if nxt >= 4:
+                raise KvmkitError("more than four --serial options; a PC has COM1 to COM4.")
+            specs[nxt] = item
+            nxt += 1
+    return specs
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", "--kernel", help="bzImage or vmlinux ELF to boot (default: the bundled guest)")
+    p.add_argument("-i", "--initrd", help="initrd / initramfs image")
+    p.add_argument("-p", "--append", help="kernel command line")
+    p.add_argument("-m", "--mem", default="256M", help="guest memory, e.g. 256M, 1G (default 256M)")
+    p.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--serial", action="append", default=[], metavar="[COMn=]SPEC",
+                   help="serial backend per port, in order COM1..COM4 or named (COM2=file:/tmp/com2)")
+    p.add_argument("--serial-nofifo", action="store_true",
+                   help="model a FIFO-less 8250 (the old kvm tool's UART), for comparison")
+    p.add_argument("--stats", action="store_true", help="print exit statistics when the VM stops")
+    p.add_argument("--stats-json", metavar="FILE", help="write exit statistics as JSON to FILE")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
+    p.add_argument("script", nargs=argparse.REMAINDER, help="bundled guest: commands to run")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..machine.machine import Machine, MachineConfig, parse_size
+
+    cfg = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, serial=_serial_specs(args.serial),
+                        serial_fifo=not args.serial_nofifo, stats=args.stats)
+    if args.kernel:
+        kernel = _read(args.kernel, "kernel")
+        cmdline = args.append if args.append is not None else "console=ttyS0"
+        if args.script:
+            raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")
+    else:
+        from ..boot.bundled import bundled_guest
+        kernel = bundled_guest().read_bytes()
+        cmdline = args.append if args.append is not None else "console=ttyS0"
+        script = " ".join(w for w in args.script if w != "--").strip()
+        if script:
+            cmdline += " -- " + script
+    initrd = _read(args.initrd, "initrd") if args.initrd else None
+    machine = Machine(cfg)
+    try:
+        machine.boot(kernel, initrd, cmdline)
+        for port in machine.serial_ports:
+            name = getattr(port.backend, "slave_name", "")
+            if name:
+                print(f"kvmkit: {port.name} is on {name}", file=sys.stderr)
+        status = machine.run()
+    finally:
+        stats_text = machine.stats_table() if (args.stats or machine.status not in (0, None)) else ""
+        stats_data = [s.as_dict() for s in machine.exit_stats()] if args.stats_json else None
+        kstats = machine.in_kernel_stats() if args.stats_json else None
+        message = machine.stop_message
+        status = machine.status if machine.status is not None else 1
+        machine.close()
+    if message and (status != 0 or args.verbose or args.stats):
+        print(f"\nkvmkit: {message}", file=sys.stderr)
+    if args.stats and stats_text:
+        print(stats_text, file=sys.stderr)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps({"status": status, "vcpus": stats_data, "kvm": kstats}, indent=2))
+    return status
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KvmkitError(f"{what} file {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise KvmkitError(f"{what} {path} is a directory, not a file; give the image file.") from None
+    except PermissionError:
+        raise KvmkitError(f"cannot read {what} file {path}: permission denied.") from None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..boot.inspect import describe_kernel
+    info = describe_kernel(Path(args.kernel))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        width = max(len(k) for k in info) if info else 0
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_initramfs(args: argparse.Namespace) -> int:
+    from ..boot import initramfs as ir
+    if args.directory:
+        data = ir.from_directory(Path(args.directory), compress=args.gzip) if hasattr(ir, "from_directory") else ir.build_from_directory(Path(args.directory), compress=args.gzip)
+    else:
+        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip) if args.busybox else ir.busybox_initramfs(compress=args.gzip)
+    Path(args.output).write_bytes(data)
+    print(f"kvmkit: wrote {len(data)} bytes to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, rest: list[str]) -> int:
+    from ..profile import trace_cli
+    if args.trace_cmd == "report":
+        return trace_cli.report_main(rest)
+    # record: everything after "--" is a `kvmkit run` command line
+    if "--" in rest:
+        i = rest.index("--")
+        opts, run_argv = rest[:i], rest[i + 1:]
+    else:
+        opts, run_argv = rest, []
+    rp = argparse.ArgumentParser(prog="kvmkit trace record")
+    rp.add_argument("-o", "--output", default="kvmkit.trace")
+    ropts = rp.parse_args(opts)
+    run_parser = argparse.ArgumentParser(prog="kvmkit run")
+    add_run_arguments(run_parser)
+    run_args = run_parser.parse_args(run_argv)
+    status = trace_cli.record(lambda: cmd_run(run_args), Path(ropts.output))
+    print(f"kvmkit: trace saved to {ropts.output}; read it with: kvmkit trace report {ropts.output}", file=sys.stderr)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmkit", description="A small KVM virtual machine monitor for reading, scripting and measuring your VM.")
+    p.add_argument("--version", action="version", version=f"kvmkit {__version__}")
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="boot a kernel (default: the bundled guest)", epilog=EPILOG_RUN,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(run)
+    ins = sub.add_parser("inspect", help="describe a kernel image")
+    ins.add_argument("kernel")
+    ins.add_argument("--json", action="store_true")
+    ir = sub.add_parser("initramfs", help="build an initramfs (busybox system or a directory)")
+    ir.add_argument("-o", "--output", required=True)
+    ir.add_argument("--busybox", help="static busybox binary (default: the host's /bin/busybox)")
+    ir.add_argument("--directory", help="pack this directory instead")
+    ir.add_argument("--gzip", action="store_true", help="gzip-compress the archive")
+    tr = sub.add_parser("trace", help="record KVM tracepoints for a VM, or report on a trace", add_help=False)
+    tr.add_argument("trace_cmd", choices=["record", "report"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["run"]
+    try:
+        if argv[0] == "trace":
+            args, rest = parser.parse_known_args(argv)
+            return cmd_trace(args, rest)
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="kvmkit: %(message)s")
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "initramfs":
+            return cmd_initramfs(args)
+        parser.print_help()
+        return 2
+    except KvmkitError as e:
+        print(f"kvmkit: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
