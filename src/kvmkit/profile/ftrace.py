@@ -191,12 +191,13 @@ def parse_key_values(info: str) -> dict[str, object]:
     return out
 
 
-def _number(text: str, base: int = 0) -> object:
-    """Integers where the text is one (decimal or 0x hex), else the text."""
-    try:
-        return int(text, base)
-    except ValueError:
-        return text
+def _number(text: str) -> object:
+    """Integers where the text is one (decimal, even zero-padded like '017', or 0x hex), else the text."""
+    if re.fullmatch(r"-?\d+", text):
+        return int(text, 10)
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+        return int(text, 16)
+    return text
 
 
 def _search(pattern: str, info: str) -> re.Match[str] | None:

@@ -41,11 +41,19 @@ def _read(path: Path) -> str:
 
 
 def _write(path: Path, value: str, append: bool = False) -> None:
-    """Write one value; tracefs reports bad values as EINVAL on write."""
+    """Write one value as echo does: newline-terminated, with plain open/write.
+
+    Python's append mode seeks to the end, which tracefs files refuse
+    (EINVAL), so this goes through os.open with O_APPEND instead.
+    """
+    flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
     try:
-        with open(path, "a" if append else "w") as f:
+        fd = os.open(path, flags)
+        try:
             if value:
-                f.write(value)
+                os.write(fd, (value + "\n").encode())
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise TraceError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from exc
 
