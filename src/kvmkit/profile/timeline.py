@@ -115,27 +115,24 @@ class _Keys:
 
     The thread id is the best key (one thread per vCPU). Without a pid
     column, a vcpu field (newer kvm_exit and every kvm_entry) names the
-    vCPU, and the CPU it was last seen on carries that name to events
-    without one (kvm_mmio, old kvm_exit). Without any of these there is one
-    stream.
+    vCPU, and the CPU it was last seen on (or, without a CPU column, the
+    last vCPU named at all) carries that name to events without one
+    (kvm_mmio, old kvm_exit). Without any of these there is one stream.
     """
 
     def __init__(self) -> None:
-        self.cpu_vcpu: dict[int, int] = {}
+        self.cpu_vcpu: dict[int | None, int] = {}
 
     def key(self, ev: Event) -> Hashable:
         if ev.pid is not None:
             return ev.pid
         vcpu = ev.fields.get("vcpu")
         if isinstance(vcpu, int):
-            if ev.cpu is not None:
-                self.cpu_vcpu[ev.cpu] = vcpu
+            self.cpu_vcpu[ev.cpu] = vcpu
             return ("vcpu", vcpu)
-        if ev.cpu is not None:
-            if ev.cpu in self.cpu_vcpu:
-                return ("vcpu", self.cpu_vcpu[ev.cpu])
-            return ("cpu", ev.cpu)
-        return "all"
+        if ev.cpu in self.cpu_vcpu:
+            return ("vcpu", self.cpu_vcpu[ev.cpu])
+        return ("cpu", ev.cpu) if ev.cpu is not None else "all"
 
 
 def build(trace: Trace) -> Timeline:
