@@ -150,10 +150,10 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
     while True:
         if pos + HEADER_SIZE > len(data) or data[pos:pos + 6] != NEWC_MAGIC:
             raise BootError(f"no newc cpio header at offset {pos:#x} of the initramfs, so it is truncated or not newc; rebuild it.")
-        try:
-            f = dict(zip(FIELDS, (int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13))))
-        except ValueError as exc:
-            raise BootError(f"the cpio header at offset {pos:#x} has a non-hex field; rebuild the initramfs.") from exc
+        raw = bytes(data[pos + 6:pos + HEADER_SIZE])
+        if raw.strip(b"0123456789abcdefABCDEF"):
+            raise BootError(f"the cpio header at offset {pos:#x} has a non-hex field; rebuild the initramfs.")
+        f = dict(zip(FIELDS, (int(raw[8 * i:8 * i + 8], 16) for i in range(13))))
         name_start = pos + HEADER_SIZE
         name_end = name_start + f["namesize"]
         data_start = name_end + _pad4(HEADER_SIZE + f["namesize"])
