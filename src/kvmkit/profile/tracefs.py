@@ -193,7 +193,7 @@ class TraceSession:
             _write(d / "current_tracer", "nop")
         _write(d / "trace_clock", self.clock)
         _write(d / "buffer_size_kb", str(self.buffer_kb))
-        self.enabled, self.missing = expand_events(d, self.patterns)
+        self.enabled, self.missing = expand_events(self.root or d, self.patterns)
         if not self.enabled:
             raise TraceError(f"none of the trace events {self.patterns} exist on this kernel.")
         _write(d / "set_event", "")  # truncate: only our events
@@ -250,7 +250,10 @@ class TraceSession:
 
 
 def expand_events(d: Path, patterns: list[str]) -> tuple[list[str], list[str]]:
-    """Match 'system:event' globs against available_events (set_event takes no globs)."""
+    """Match 'system:event' globs against available_events (set_event takes no globs).
+
+    ``d`` is the tracefs root: instances have no available_events of their own.
+    """
     available = _read(d / "available_events").split()
     enabled: list[str] = []
     missing: list[str] = []
