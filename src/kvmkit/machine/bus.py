@@ -46,6 +46,9 @@ class Bus:
         self.unclaimed_writes = 0
         self.device_errors = 0
         self.unclaimed: dict[int, int] = {}
+        # addr -> Mapping (or None for unclaimed): guests hit the same few
+        # ports millions of times, so skip the bisect after the first.
+        self._cache: dict[int, Mapping | None] = {}
 
     def register(self, base: int, size: int, device: BusDevice, name: str = "") -> None:
         if size <= 0 or base < 0 or base + size > self.address_limit:
@@ -57,21 +60,40 @@ class Bus:
         i = bisect.bisect(self._bases, base)
         self._maps.insert(i, mapping)
         self._bases.insert(i, base)
+        self._cache.clear()
 
     def mappings(self) -> list[Mapping]:
         return list(self._maps)
 
-    def find(self, addr: int, size: int = 1) -> Mapping | None:
+    def _lookup(self, addr: int) -> Mapping | None:
         i = bisect.bisect(self._bases, addr) - 1
-        if i < 0:
-            return None
-        m = self._maps[i]
-        if addr + size <= m.end:
+        m = self._maps[i] if i >= 0 else None
+        if m is not None and addr >= m.end:
+            m = None
+        if len(self._cache) < 65536:
+            self._cache[addr] = m
+        return m
+
+    def find(self, addr: int, size: int = 1) -> Mapping | None:
+        try:
+            m = self._cache[addr]
+        except KeyError:
+            m = self._lookup(addr)
+        if m is not None and addr + size <= m.end:
             return m
         return None
 
     def _count_unclaimed(self, addr: int) -> None:
         self.unclaimed[addr] = self.unclaimed.get(addr, 0) + 1
+
+    def resolve(self, addr: int) -> tuple[BusDevice, int] | None:
+        """(device, offset) for a one-byte access at ``addr``, for callers that cache dispatch."""
+        m = self.find(addr, 1)
+        return (m.device, addr - m.base) if m is not None else None
+
+    def device_failed(self, addr: int, what: str) -> None:
+        self.device_errors += 1
+        log.exception("%s: device %s at %#x raised", self.name, what, addr)
 
     def read(self, addr: int, size: int) -> int:
         """A guest read; never raises, whatever the device or address."""
