@@ -231,6 +231,14 @@ static int cmd_ud2(int argc, char **argv)
 	return 0;
 }
 
+static int cmd_gp_fault(int argc, char **argv)
+{
+	(void)argc, (void)argv;
+	printf("gp-fault: reading non-canonical address 0x8000000000000000\n");
+	(void)*(volatile u64 *)0x8000000000000000UL;
+	return 1;
+}
+
 static int cmd_info(int argc, char **argv)
 {
 	(void)argc, (void)argv;
@@ -253,6 +261,7 @@ const struct command commands[] = {
 	{ "mem", "print the e820 memory map", cmd_mem },
 	{ "rdtsc", "print the time-stamp counter", cmd_rdtsc },
 	{ "ticks", "TSC cycles since boot and interrupt counts", cmd_ticks },
+	{ "gp-fault", "unexpected #GP: exception report, status 3", cmd_gp_fault },
 	{ "info", "boot path, LAPIC id, serial FIFO", cmd_info },
 	{ "triple-fault", "zero-limit IDT + ud2: KVM_EXIT_SHUTDOWN", cmd_triple_fault },
 	{ "bad-insn", "[sse [addr]|cmpxchg16b]: KVM_EXIT_INTERNAL_ERROR", cmd_bad_insn },
