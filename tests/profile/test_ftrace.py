@@ -93,6 +93,11 @@ def test_lost_events_truncated_lines_and_preamble() -> None:
     assert isinstance(t.records[0], Lost)
 
 
+def test_overwritten_events_are_counted_from_the_header() -> None:
+    assert parse("# entries-in-buffer/entries-written: 100/250   #P:2\n").overwritten == 150
+    assert parse("# entries-in-buffer/entries-written: 138/138   #P:2\n").overwritten == 0
+
+
 @settings(max_examples=300)
 @given(st.text())
 def test_arbitrary_text_never_crashes(text: str) -> None:

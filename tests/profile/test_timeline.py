@@ -222,3 +222,13 @@ def test_synthetic_traces_round_trip_exactly(per_vcpu: list, layout: str, start:
         want_io = sorted(h * US for _, h, r in runs if r == "IO_INSTRUCTION")
         got_io = sorted(pio[f"write {0x3f8 + vcpu:#x}"].host) if want_io else []
         assert got_io == want_io
+
+
+def test_real_nested_kvm_capture() -> None:
+    """Captured here with trace_cli.record: a real-mode guest doing 20 `out dx, al` to 0x3f8, then hlt."""
+    a = analyze((FIXTURES / "trace_nested_pio.txt").read_text())
+    assert a.trace.malformed == 0 and a.trace.clock == "mono"
+    assert not a.timeline.has_entry_exit
+    assert a.activity.accesses == {"pio": {"write 0x3f8": 20}}
+    assert a.activity.userspace_exits == {"KVM_EXIT_IO": 20, "KVM_EXIT_HLT": 1}
+    assert trace_report.to_json(a)["intervals_available"] is False

@@ -40,6 +40,7 @@ _LINE = re.compile(
 )
 _LOST = re.compile(r"^\s*CPU:?\s*(?P<cpu>\d+)\s*\[(?:LOST\s+(?P<n>\d+)\s+)?EVENTS?(?:\s+LOST)?\]")
 _CLOCK_HEADER = re.compile(r"^#\s*(?:kvmkit\s+)?trace_clock[:=]\s*(?P<clock>[\w-]+)")
+_ENTRIES_HEADER = re.compile(r"^#\s*entries-in-buffer/entries-written:\s*(\d+)/(\d+)")
 _COUNTER_CLOCKS = frozenset({"x86-tsc", "counter"})
 
 
@@ -78,6 +79,7 @@ class Trace:
     malformed_examples: list[str] = field(default_factory=list)
     mixed_timestamps: bool = False
     header_lines: int = 0
+    overwritten: int = 0  # events the ring buffer dropped before the capture was read
 
     @property
     def events(self) -> list[Event]:
@@ -113,6 +115,9 @@ def parse(lines: Iterable[str] | str) -> Trace:
             m = _CLOCK_HEADER.match(stripped)
             if m:
                 trace.clock = m.group("clock")
+            m = _ENTRIES_HEADER.match(stripped)
+            if m:
+                trace.overwritten += max(0, int(m.group(2)) - int(m.group(1)))
             continue
         lost = _LOST.match(line)
         if lost:

@@ -64,6 +64,8 @@ def notes(a: Analysis) -> list[str]:
     if lost:
         known = sum(r.count or 0 for r in lost)
         out.append(f"{len(lost)} lost-events markers ({known} events lost); intervals open across them were dropped ({tl.dropped_lost}).")
+    if t.overwritten:
+        out.append(f"{t.overwritten} events were overwritten because the trace buffer was full: the start of the capture is missing.")
     if tl.dropped_backwards:
         out.append(f"{tl.dropped_backwards} intervals dropped where a thread's timestamps went backwards.")
     if tl.unmatched:
@@ -108,6 +110,7 @@ def to_json(a: Analysis) -> dict[str, Any]:
         "events": len(a.trace.events),
         "malformed_lines": a.trace.malformed,
         "lost_markers": len(a.trace.lost),
+        "overwritten": a.trace.overwritten,
         "guest_total": s.guest_total,
         "host_total": s.host_total,
         "streams": streams,
