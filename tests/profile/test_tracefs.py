@@ -44,22 +44,29 @@ REASON = _usable()
 live = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def _state() -> tuple[bool, dict[str, str] | None, str]:
-    """(mounted?, settings, raw buffer_size_kb)."""
+def _settings() -> tuple[dict[str, str], str]:
+    """Settings as the kernel reports them; tracefs state outlives unmounting, so mount to look."""
     root = tracefs.find_tracefs()
-    if root is None:
-        return False, None, ""
-    return True, tracefs.snapshot(root), (root / "buffer_size_kb").read_text().strip()
+    if root is not None:
+        return tracefs.snapshot(root), (root / "buffer_size_kb").read_text().strip()
+    subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=True)
+    try:
+        return _settings()
+    finally:
+        subprocess.run(["umount", "/sys/kernel/tracing"], check=True)
 
 
-def _assert_restored(before: tuple[bool, dict[str, str] | None, str]) -> None:
+def _state() -> tuple[bool, dict[str, str], str]:
+    """(mounted?, settings, raw buffer_size_kb)."""
+    mounted = tracefs.find_tracefs() is not None
+    return (mounted, *_settings())
+
+
+def _assert_restored(before: tuple[bool, dict[str, str], str]) -> None:
     mounted, settings, raw_kb = before
-    now_mounted = tracefs.find_tracefs() is not None
-    assert now_mounted == mounted
-    if not mounted:
-        return
-    after = tracefs.snapshot(tracefs.find_tracefs())  # type: ignore[arg-type]
-    assert settings is not None
+    assert (tracefs.find_tracefs() is not None) == mounted
+    after, _ = _settings()
+    settings = dict(settings)
     if "expanded" in raw_kb:
         # An unexpanded buffer cannot be put back; the kernel rounds the expanded size to pages.
         assert abs(int(after.pop("buffer_size_kb")) - int(settings.pop("buffer_size_kb"))) <= 16
@@ -107,8 +114,7 @@ def test_instance_session_leaves_global_settings_alone() -> None:
     name = f"kvmkit-test-{os.getpid()}"
     with TraceSession(EVENTS, [os.getpid()], buffer_kb=256, instance=name) as session:
         assert session.dir is not None and session.dir.name == name
-        if before[0]:
-            assert tracefs.snapshot(tracefs.find_tracefs()) == before[1]  # type: ignore[arg-type]
+        assert tracefs.snapshot(session.root) == before[1]  # type: ignore[arg-type]
         time.sleep(0.02)
         text = session.read_text()
     assert any(e.name == "hrtimer_start" and e.pid == threading.get_native_id() for e in ftrace.parse(text).events)
