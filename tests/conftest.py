@@ -1,0 +1,63 @@
+"""Shared test set-up: the KVM gate, and CI's rule that KVM tests never skip there.
+
+Tests that need /dev/kvm take the ``kvm`` marker (or the ``kvm_ok`` fixture).
+On a machine without usable KVM they skip with the reason printed; under
+CI=true any skipped KVM test fails the run, because CI machines have KVM
+and a silent skip would hide a broken VMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_kvm_reason: str | None = None
+_kvm_checked = False
+_skipped_kvm: list[str] = []
+
+
+def kvm_unavailable_reason() -> str | None:
+    global _kvm_checked, _kvm_reason
+    if not _kvm_checked:
+        _kvm_checked = True
+        try:
+            from kvmkit.kvm import Kvm
+            Kvm().close()
+        except Exception as e:  # KvmUnavailable or anything odd: report it
+            _kvm_reason = str(e)
+    return _kvm_reason
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kvm") is not None:
+        reason = kvm_unavailable_reason()
+        if reason:
+            pytest.skip(f"KVM is not usable here: {reason}")
+
+
+@pytest.fixture
+def kvm_ok() -> None:
+    reason = kvm_unavailable_reason()
+    if reason:
+        pytest.skip(f"KVM is not usable here: {reason}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "kvm" in report.keywords:
+        _skipped_kvm.append(report.nodeid)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if _skipped_kvm:
+        terminalreporter.write_line(f"{len(_skipped_kvm)} KVM test(s) skipped:" + "".join(f"\n  {n}" for n in _skipped_kvm),
+                                    red=_in_ci(), yellow=not _in_ci())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped_kvm and _in_ci():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
