@@ -200,16 +200,21 @@ static long user_hello(long a0, long a1, long a2)
 	n = user_syscall(SYS_WRITE, (long)msg, sizeof(msg) - 1);
 	if (n != sizeof(msg) - 1)
 		return -1;
-	return (long)(read_cs() & 3);	/* the CPL */
+	return (long)(read_cs() & 3) | (long)(read_rflags() & 0x3000);	/* CPL, IOPL */
 }
 
 static int cmd_user_test(int argc, char **argv)
 {
+	u64 gate = syscalls_by_gate, ud = syscalls_by_ud;
 	long cpl;
 
 	(void)argc, (void)argv;
 	cpl = run_user(user_hello, 0, 0, 0);
-	printf("user-test: back in the kernel, user code ran at CPL %ld\n", cpl);
+	printf("user-test: back in the kernel, user code ran at CPL %ld with IOPL %ld\n",
+	       cpl & 3, (cpl >> 12) & 3);
+	cpl &= 3;
+	printf("user-test: int $0x80 arrived %lu times through the gate, %lu times as #UD\n",
+	       syscalls_by_gate - gate, syscalls_by_ud - ud);
 	if (cpl != 3) {
 		printf("user-test: FAILED\n");
 		return 1;

@@ -290,6 +290,13 @@ read_cs:
 	movw %cs, %ax
 	ret
 
+/* unsigned long read_rflags(void) */
+	.globl read_rflags
+read_rflags:
+	pushfq
+	popq %rax
+	ret
+
 /* ------------------------------------------------------ fault helpers */
 /* void do_ud2(void): raises #UD; the handler resumes at do_ud2_resume */
 	.globl do_ud2, do_ud2_resume

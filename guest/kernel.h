@@ -74,6 +74,7 @@ void reboot(void) __attribute__((noreturn));
 u32 lapic_id(void);
 extern u64 irq_counts[16];
 extern u64 spurious_count;
+extern u64 syscalls_by_gate, syscalls_by_ud;	/* how int $0x80 arrived */
 extern u64 boot_tsc;
 
 /* ---- head.S ---- */
@@ -83,6 +84,7 @@ long user_pio_out_loop(long count, long port, long unused);
 long user_pio_in_loop(long count, long port, long unused);
 long user_syscall(long nr, long a0, long a1);
 u64 read_cs(void);
+u64 read_rflags(void);
 void do_ud2(void);
 void do_ud2_resume(void);
 void do_sse_mmio(u64 addr);
