@@ -65,6 +65,7 @@ class SerialPort:
         self._writing = False
         self._eof = False
         self._cti: TimerHandle | None = None
+        self._always_ready = False
         self._closed = False
 
     # --- guest side (vCPU threads) -------------------------------------------
@@ -158,7 +159,10 @@ class SerialPort:
         fd = self.backend.output_fd
         if remaining:
             if fd is not None:
-                self.loop.add_writer(fd, self._on_writable)
+                try:
+                    self.loop.add_writer(fd, self._on_writable)
+                except PermissionError:  # a regular file: writable again at once
+                    self.loop.call_later(0.001, self._flush_output)
             # else: a socket backend with no client yet; _accept flushes later.
         else:
             if fd is not None:
@@ -175,17 +179,28 @@ class SerialPort:
             return
         if not self._reading:
             self._reading = True
-            self.loop.add_reader(fd, self._on_input)
+            if self._always_ready:
+                self.loop.call_soon(self._on_input)
+                return
+            try:
+                self.loop.add_reader(fd, self._on_input)
+            except PermissionError:
+                # epoll refuses regular files and /dev/null: they are always
+                # readable, so poll them from the loop while there is room.
+                self._always_ready = True
+                self.loop.call_soon(self._on_input)
 
     def _pause_input(self) -> None:
         fd = self.backend.input_fd
         if self._reading:
             self._reading = False
             self.counters.input_pauses += 1
-            if fd is not None:
+            if fd is not None and not self._always_ready:
                 self.loop.remove_reader(fd)
 
     def _on_input(self) -> None:
+        if not self._reading or self._closed:
+            return
         with self.lock:
             space = self.uart.rx_space()
         if space <= 0:
@@ -196,7 +211,7 @@ class SerialPort:
         if data is None:
             return
         if data == b"":
-            if fd_before is not None:
+            if fd_before is not None and not self._always_ready:
                 self.loop.remove_reader(fd_before)
             self._reading = False
             if not isinstance(self.backend, UnixSocketBackend):
@@ -212,6 +227,8 @@ class SerialPort:
             cti = self.uart.cti_armed
         if full:
             self._pause_input()
+        elif self._always_ready:
+            self.loop.call_soon(self._on_input)
         if cti:
             if self._cti is not None:
                 self._cti.cancel()
