@@ -513,7 +513,9 @@ class Uart16550:
         if n:
             self._rx.extend(data[:n])  # plain bytes: no error bits to latch
             self.stats.rx_bytes += n
-        if n < len(data):
+        if n < len(data) or self.rx_space() == 0:
+            # Full (or more was offered than fit): tell the host when the
+            # guest makes room, so it can resume reading its input.
             self._rx_blocked = True
         self._update()
         return n
