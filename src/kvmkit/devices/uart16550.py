@@ -506,7 +506,10 @@ class Uart16550:
     def receive(self, data: bytes) -> int:
         """Host to guest: deliver bytes; returns how many were taken (never overruns).
 
-        The caller keeps the rest and offers it again after ``on_rx_space``.
+        The caller keeps the rest and offers it again after ``on_rx_space``,
+        which fires once the guest frees space after a refusal or after this
+        call filled the FIFO exactly (a host that reads only ``rx_space()``
+        bytes from its input never sees a refusal).
         """
         space = self.rx_space()
         n = min(len(data), space)
