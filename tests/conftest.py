@@ -43,8 +43,12 @@ def kvm_ok() -> None:
         pytest.skip(f"KVM is not usable here: {reason}")
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "kvm" in report.keywords:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    uses_kvm = item.get_closest_marker("kvm") is not None or "kvm_ok" in getattr(item, "fixturenames", ())
+    if report.skipped and uses_kvm and report.nodeid not in _skipped_kvm:
         _skipped_kvm.append(report.nodeid)
 
 
