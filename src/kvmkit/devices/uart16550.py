@@ -342,7 +342,8 @@ class Uart16550:
             # The transmitter feeds the receiver; the byte never reaches the host,
             # and the holding register is empty again at once.
             self._rx_push(value, 0)
-            self._thre_pending = True
+            if not self._tx:  # bytes queued before loopback still wait for the host
+                self._thre_pending = True
             self._update()
             return
         tx = self._tx
