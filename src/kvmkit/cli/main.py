@@ -64,20 +64,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, serial=_serial_specs(args.serial),
                         serial_fifo=not args.serial_nofifo, stats=args.stats)
-    if args.kernel:
-        kernel = _read(args.kernel, "kernel")
-        cmdline = args.append if args.append is not None else "console=ttyS0"
-        if args.script:
-            raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")
-    else:
-        from ..boot.bundled import bundled_guest
-        kernel = bundled_guest().read_bytes()
-        cmdline = args.append if args.append is not None else "console=ttyS0"
-        script = " ".join(w for w in args.script if w != "--").strip()
-        if script:
-            cmdline += " -- " + script
-    initrd = _read(args.initrd, "initrd") if args.initrd else None
-    machine = Machine(cfg)
+    machine = Machine(cfg)  # KVM problems first: they are the most basic
+    try:
+        if args.kernel:
+            kernel = _read(args.kernel, "kernel")
+            cmdline = args.append if args.append is not None else "console=ttyS0"
+            if args.script:
+                raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")
+        else:
+            from ..boot.bundled import bundled_guest
+            kernel = bundled_guest().read_bytes()
+            cmdline = args.append if args.append is not None else "console=ttyS0"
+            script = " ".join(w for w in args.script if w != "--").strip()
+            if script:
+                cmdline += " -- " + script
+        initrd = _read(args.initrd, "initrd") if args.initrd else None
+    except BaseException:
+        machine.close()
+        raise
     try:
         machine.boot(kernel, initrd, cmdline)
         for port in machine.serial_ports:
