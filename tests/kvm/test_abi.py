@@ -29,6 +29,7 @@ STRUCTS = {
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry, "kvm_irq_routing": s.kvm_irq_routing,
     "kvm_enable_cap": s.kvm_enable_cap, "kvm_stats_header": s.kvm_stats_header,
     "kvm_stats_desc": s.kvm_stats_desc,
+    "kvm_mp_state": s.kvm_mp_state,
 }
 
 # (C expression for the offset, Python offset)
@@ -72,7 +73,7 @@ CAPS = {f"KVM_CAP_{cap.name}": int(cap) for cap in c.Cap}
 EXITS = {f"KVM_EXIT_{e.name}": int(e) for e in c.ExitReason}
 FLAGS = {name: getattr(c, name) for name in dir(c) if name.startswith((
     "KVM_IOEVENTFD_FLAG_", "KVM_IRQFD_FLAG_", "KVM_GUESTDBG_", "KVM_MEM_", "KVM_IRQ_ROUTING_",
-    "KVM_IRQCHIP_", "KVM_STATS_", "KVM_SYSTEM_EVENT_", "KVM_VCPUEVENT_VALID_"))}
+    "KVM_IRQCHIP_", "KVM_STATS_", "KVM_SYSTEM_EVENT_", "KVM_VCPUEVENT_VALID_", "KVM_MP_STATE_"))}
 FLAGS.update({f"KVM_SYSTEM_EVENT_{e.name}": int(e) for e in c.SystemEvent})
 FLAGS.update({f"KVM_INTERNAL_ERROR_{e.name}": int(e) for e in c.InternalErrorSuberror})
 

@@ -240,6 +240,10 @@ class kvm_guest_debug(Structure):
     _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
 
 
+class kvm_mp_state(Structure):
+    _fields_ = [("mp_state", u32)]
+
+
 class kvm_translation(Structure):
     _fields_ = [
         ("linear_address", u64), ("physical_address", u64), ("valid", u8),

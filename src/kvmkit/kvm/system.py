@@ -327,6 +327,16 @@ class Vcpu:
     def set_vcpu_events(self, ev: s.kvm_vcpu_events) -> None:
         _ioctl(self.fd, c.KVM_SET_VCPU_EVENTS, ev)
 
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: KVM_MP_STATE_RUNNABLE, _HALTED, ... (call it with the vCPU outside KVM_RUN)."""
+        st = s.kvm_mp_state()
+        _ioctl(self.fd, c.KVM_GET_MP_STATE, st)
+        return st.mp_state
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency KVM gives this vCPU."""
+        return _ioctl(self.fd, c.KVM_GET_TSC_KHZ)
+
     def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
         dbg = s.kvm_guest_debug(control=control)
         for i, v in enumerate(debugreg):
