@@ -179,3 +179,17 @@ def test_hlt_with_interrupts_off_keeps_vcpu_in_kernel_and_stop_kicks_it():
         m.shutdown()
     finally:
         m.close()
+
+
+def test_hlt_without_irqchip_exits_to_user_space():
+    m = Machine(MachineConfig(serial=["off"] * 4, irqchip=False))
+    try:
+        m.mem.write(LOAD, bytes([0xFA, 0xF4]))  # cli; hlt
+        set_real_mode(m.runners[0].vcpu, LOAD)
+        m.start()
+        assert m.wait(30) == 0
+        m.shutdown()
+        assert "halted" in m.stop_message
+        assert m.exit_stats()[0].exits[5] == 1  # KVM_EXIT_HLT
+    finally:
+        m.close()

@@ -67,6 +67,10 @@ class MachineConfig:
     serial: list[str] = field(default_factory=lambda: ["stdio", "none", "none", "none"])
     serial_fifo: bool = True
     stats: bool = False
+    # The in-kernel PIC/IOAPIC/LAPIC and PIT. Without them HLT exits to user
+    # space (KVM_EXIT_HLT) and no interrupt can be delivered: only for tiny
+    # test guests.
+    irqchip: bool = True
     cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
@@ -119,8 +123,9 @@ class Machine:
             raise KvmkitError(f"cannot allocate {cfg.mem_size // MiB} MiB of guest memory: {e.strerror}; use a smaller --mem.") from None
         for region in self.mem.regions:
             vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address)
-        vm.create_irqchip()
-        vm.create_pit2()
+        if cfg.irqchip:
+            vm.create_irqchip()
+            vm.create_pit2()
         if kvm.check_extension(Cap.EXIT_ON_EMULATION_FAILURE):
             try:
                 vm.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
@@ -142,7 +147,8 @@ class Machine:
         line = self.irq_lines.get(gsi)
         if line is None:
             assert self.vm is not None
-            line = self.irq_lines[gsi] = IrqLine(gsi, self.vm.irq_line)
+            setter = self.vm.irq_line if self.config.irqchip else (lambda gsi, level: None)
+            line = self.irq_lines[gsi] = IrqLine(gsi, setter)
         return line
 
     def _build_devices(self, backends: list[Backend] | None) -> None:
