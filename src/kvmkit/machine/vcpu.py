@@ -109,7 +109,7 @@ class VcpuRunner:
         mmio_read = machine.mmio_bus.read
         mmio_write = machine.mmio_bus.write
         stats = self.stats
-        exit_counts = [0] * 64
+        exit_counts = [0] * 256
         pio_out: dict[int, int] = {}
         pio_in: dict[int, int] = {}
         mmio_counts = stats.mmio
@@ -148,11 +148,8 @@ class VcpuRunner:
                     if machine.stopping:
                         break
                     continue
-                reason = mm[8]  # kvm_run.exit_reason (low byte; every reason is < 64)
-                if reason < 64:
-                    exit_counts[reason] += 1
-                else:
-                    stats.exits[reason] += 1
+                reason = mm[8]  # kvm_run.exit_reason: every reason KVM defines is < 256
+                exit_counts[reason] += 1
                 if reason == EXIT_IO:
                     direction, size, port, count, off = unpack_io(mm, IO_OFFSET)
                     if count == 1 and size == 1:
