@@ -16,7 +16,7 @@ class FakeHost:
         self.t = now
         self.armed: int | None = None
         self.fired = 0
-        self.routes: list[int | None] = []
+        self.routes: list[tuple[str, int]] = []
         self.log: list[tuple] = []
 
     def now(self) -> int:
@@ -34,8 +34,8 @@ class FakeHost:
         self.fired += 1
         self.log.append(("fire",))
 
-    def route(self, vector: int | None) -> None:
-        self.routes.append(vector)
+    def route(self, route: tuple[str, int]) -> None:
+        self.routes.append(route)
 
 
 class FakeRam:
@@ -96,7 +96,7 @@ def test_identification():
 
 def test_absolute_deadline_arms_then_fires_once():
     dev, host, _ = make()
-    assert host.routes == [VEC]
+    assert host.routes == [("msi", VEC)]
     dev.io_write(p.REG_DEADLINE, 8, 1_500_000)
     assert host.armed == 1_500_000 and host.fired == 0
     assert dev.io_read(p.REG_STATUS, 8) & p.STS_ARMED
@@ -159,6 +159,21 @@ def test_bad_vector_refuses_enable():
     dev.io_write(p.REG_CONTROL, 4, ENABLE | p.CTRL_SHARED)
     assert not dev.io_read(p.REG_CONTROL, 4) & p.CTRL_ENABLE
     assert not dev.io_read(p.REG_FEATURES, 4) & p.FEAT_SHARED
+
+
+def test_gsi_routing():
+    host = FakeHost()
+    dev = PvClockEvent(host, None)
+    for gsi in (0, 2, 24, 255):
+        dev.io_write(p.REG_CONTROL, 4, p.CTRL_ENABLE | p.CTRL_ROUTE_GSI | gsi << p.CTRL_GSI_SHIFT)
+        assert not dev.io_read(p.REG_CONTROL, 4) & p.CTRL_ENABLE
+    assert host.routes == []
+    dev.io_write(p.REG_CONTROL, 4, p.CTRL_ENABLE | p.CTRL_ROUTE_GSI | 10 << p.CTRL_GSI_SHIFT)
+    assert dev.io_read(p.REG_CONTROL, 4) & p.CTRL_ENABLE
+    assert host.routes == [("gsi", 10)]
+    dev.io_write(p.REG_CONTROL, 4, 0)
+    dev.io_write(p.REG_CONTROL, 4, p.CTRL_ENABLE | p.CTRL_ROUTE_GSI | 10 << p.CTRL_GSI_SHIFT)
+    assert host.routes == [("gsi", 10)]  # unchanged route: not re-installed
 
 
 def test_deadline_in_two_halves():

@@ -52,9 +52,12 @@ FEAT_SYNC = 1 << 4
 CTRL_ENABLE = 1 << 0
 CTRL_RELATIVE = 1 << 1
 CTRL_SHARED = 1 << 2
+CTRL_ROUTE_GSI = 1 << 3  # 0: MSI to this vCPU's local APIC with VECTOR; 1: edge on GSI
 CTRL_VECTOR_SHIFT = 8
 CTRL_VECTOR_MASK = 0xFF << CTRL_VECTOR_SHIFT
-CTRL_VALID = CTRL_ENABLE | CTRL_RELATIVE | CTRL_SHARED | CTRL_VECTOR_MASK
+CTRL_GSI_SHIFT = 16
+CTRL_GSI_MASK = 0xFF << CTRL_GSI_SHIFT
+CTRL_VALID = CTRL_ENABLE | CTRL_RELATIVE | CTRL_SHARED | CTRL_ROUTE_GSI | CTRL_VECTOR_MASK | CTRL_GSI_MASK
 
 STS_FIRED = 1 << 0      # an expiry was delivered since the bit was last cleared
 STS_MISSED = 1 << 1     # a deadline was already past when programmed (delivered at once)
@@ -72,6 +75,11 @@ SHM_ALIGN = 0x40
 NEVER = 1 << 63         # deadlines at or above this never expire
 U64 = (1 << 64) - 1
 MIN_VECTOR = 32         # vectors 0..31 are exceptions
+MAX_GSI = 23            # IOAPIC pins; GSI 0 (the PIT) and 2 (the cascade) are refused
+
+# A locked instruction (the uncontended mutex's cmpxchg) orders the host's
+# store of ARMED before its re-read of DEADLINE, as the guest's mfence does.
+_FENCE = threading.Lock()
 
 _REGS64 = (REG_DEADLINE, REG_SYNC, REG_SYNC_END, REG_SHARED_GPA)  # writable 64-bit registers
 
@@ -94,8 +102,8 @@ class PvClockHost(Protocol):
         """Raise this vCPU's timer interrupt now (edge)."""
         ...
 
-    def route(self, vector: int | None) -> None:
-        """Deliver future interrupts with this vector (None: not routed)."""
+    def route(self, route: tuple[str, int]) -> None:
+        """Deliver future interrupts as ("msi", vector) to this vCPU, or as an edge on ("gsi", n)."""
         ...
 
 
@@ -135,7 +143,7 @@ class PvClockEvent:
         self._target: int | None = None  # host ns the timer is armed for
         self._guest_target = NEVER       # the guest deadline behind _target
         self._fired_shared = NEVER       # shared-block deadline that already fired
-        self._vector: int | None = None
+        self._route: tuple[str, int] | None = None
         # counters for tests and --stats
         self.arms = 0
         self.fires = 0
@@ -192,8 +200,8 @@ class PvClockEvent:
             self._doorbell()
 
     @property
-    def vector(self) -> int | None:
-        return self._vector
+    def route(self) -> tuple[str, int] | None:
+        return self._route
 
     @property
     def armed_host_ns(self) -> int | None:
@@ -249,17 +257,24 @@ class PvClockEvent:
         value &= CTRL_VALID
         self._cancel()
         self._fired_shared = NEVER
-        vector = (value & CTRL_VECTOR_MASK) >> CTRL_VECTOR_SHIFT
+        if value & CTRL_ROUTE_GSI:
+            gsi = (value & CTRL_GSI_MASK) >> CTRL_GSI_SHIFT
+            route = ("gsi", gsi)
+            bad = gsi > MAX_GSI or gsi in (0, 2)
+        else:
+            vector = (value & CTRL_VECTOR_MASK) >> CTRL_VECTOR_SHIFT
+            route = ("msi", vector)
+            bad = vector < MIN_VECTOR
         if value & CTRL_ENABLE:
-            bad = vector < MIN_VECTOR or (value & CTRL_SHARED and not self.shared_gpa)
-            bad = bad or (value & CTRL_SHARED and value & CTRL_RELATIVE)
+            bad = bad or bool(value & CTRL_SHARED and not self.shared_gpa)
+            bad = bad or bool(value & CTRL_SHARED and value & CTRL_RELATIVE)
             if bad:
                 self.status |= STS_ERROR
                 value &= ~CTRL_ENABLE
         self.control = value
-        if value & CTRL_ENABLE and vector != self._vector:
-            self._vector = vector
-            self.host.route(vector)
+        if value & CTRL_ENABLE and route != self._route:
+            self._route = route
+            self.host.route(route)
         if value & CTRL_ENABLE and value & CTRL_SHARED:
             self._shm_write(SHM_ARMED, NEVER)
             self._evaluate_shared()
@@ -345,10 +360,14 @@ class PvClockEvent:
             if d >= NEVER or d == self._fired_shared:
                 self._cancel()
                 self._shm_write(SHM_ARMED, NEVER)
+                with _FENCE:
+                    pass
                 if self._shm_read(SHM_DEADLINE) == d:
                     return
                 continue
             self._shm_write(SHM_ARMED, d)
+            with _FENCE:
+                pass
             if self._shm_read(SHM_DEADLINE) != d:
                 continue
             if self._target is not None and self._guest_target == d:

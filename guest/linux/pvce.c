@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pvce: the kvmkit paravirtual clock event device (docs/pv-clockevent.md).
+ *
+ * One per-CPU clock_event_device that takes the absolute expiry in
+ * nanoseconds of CLOCK_MONOTONIC, exactly as the clockevents core hands it
+ * to set_next_ktime(): no conversion to device ticks, no calibration.
+ *
+ * The deadline goes into a 64-byte block of guest memory shared with the
+ * host. Moving the deadline later costs no exit at all (the host re-arms
+ * when its old timer goes off); only a deadline earlier than the one the
+ * host has armed rings the doorbell, a 32-bit MMIO write that kvmkit serves
+ * in the host kernel with an ioeventfd. With shared=0 every program is one
+ * 64-bit MMIO write of the DEADLINE register.
+ *
+ * The host runs its timer on its own CLOCK_MONOTONIC and needs the offset
+ * between the two clocks: the driver measures it with the SYNC/SYNC_END
+ * handshake at start-up and every resync_ms milliseconds after that.
+ *
+ * Interrupts arrive on an ISA IRQ line (irq_base + cpu), edge triggered,
+ * with the line's affinity pinned to its CPU: a loadable module cannot claim
+ * a raw IDT vector, which the device's other routing mode (MSI to the vCPU's
+ * local APIC) needs.
+ *
+ * The module cannot be unloaded: the tick may be running on its devices.
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/clockchips.h>
+#include <linux/cpu.h>
+#include <linux/cpuhotplug.h>
+#include <linux/interrupt.h>
+#include <linux/io.h>
+#include <linux/percpu.h>
+#include <linux/gfp.h>
+#include <linux/mm.h>
+#include <linux/timekeeping.h>
+#include <linux/workqueue.h>
+
+/* Register map: offsets in each CPU's 4 KiB window. */
+#define PVCE_ID			0x00	/* u32 RO */
+#define PVCE_VERSION		0x04	/* u32 RO */
+#define PVCE_FEATURES		0x08	/* u32 RO */
+#define PVCE_CONTROL		0x10	/* u32 RW */
+#define PVCE_DEADLINE		0x18	/* u64 RW */
+#define PVCE_STATUS		0x20	/* u64 RO, W1C low bits */
+#define PVCE_SYNC		0x28	/* u64 WO */
+#define PVCE_SYNC_END		0x30	/* u64 WO */
+#define PVCE_SYNC_ERROR		0x38	/* u64 RO */
+#define PVCE_SHARED_GPA		0x48	/* u64 RW */
+#define PVCE_DOORBELL		0x50	/* u32 WO */
+#define PVCE_WINDOW		0x1000
+
+#define PVCE_MAGIC		0x45435650	/* "PVCE" */
+#define PVCE_MAJOR		1
+
+#define PVCE_FEAT_SHARED	(1U << 2)
+#define PVCE_CTRL_ENABLE	(1U << 0)
+#define PVCE_CTRL_SHARED	(1U << 2)
+#define PVCE_CTRL_ROUTE_GSI	(1U << 3)
+#define PVCE_CTRL_GSI_SHIFT	16
+
+#define PVCE_NEVER		(1ULL << 63)
+
+/* The shared deadline block (64-byte aligned guest RAM). */
+struct pvce_shared {
+	u64 deadline;		/* guest writes */
+	u64 armed;		/* host writes: deadline its timer is armed for */
+	u32 count;		/* host writes: expiries delivered */
+	u32 reserved[11];
+} __aligned(64);
+
+static unsigned long base = 0xfea00000;
+module_param(base, ulong, 0444);
+MODULE_PARM_DESC(base, "guest-physical address of CPU 0's register window");
+static int irq_base = 10;
+module_param(irq_base, int, 0444);
+MODULE_PARM_DESC(irq_base, "ISA IRQ of CPU 0's timer interrupt; CPU n uses irq_base + n");
+static bool shared = true;
+module_param(shared, bool, 0444);
+MODULE_PARM_DESC(shared, "program deadlines through the shared block (no exit when a deadline moves later)");
+static unsigned int resync_ms = 1000;
+module_param(resync_ms, uint, 0444);
+MODULE_PARM_DESC(resync_ms, "period of the clock offset handshake in ms (0: only at start-up)");
+static int rating = 450;	/* the local APIC timer's is 100 */
+module_param(rating, int, 0444);
+
+struct pvce_cpu {
+	struct clock_event_device ced;
+	void __iomem *regs;
+	struct pvce_shared *shm;
+	u32 control;
+	int irq;
+	bool online;
+	char name[16];
+};
+
+static DEFINE_PER_CPU(struct pvce_cpu, pvce_cpus);
+static enum cpuhp_state pvce_hp_state;
+static bool use_shared;
+static void pvce_resync(struct work_struct *work);
+static DECLARE_DELAYED_WORK(pvce_resync_work, pvce_resync);
+
+static struct pvce_cpu *to_pvce(struct clock_event_device *ced)
+{
+	return container_of(ced, struct pvce_cpu, ced);
+}
+
+/* One handshake: bracket a trapping write between two clock readings. */
+static void pvce_sync(struct pvce_cpu *pc)
+{
+	u64 t1, t2;
+	unsigned long flags;
+
+	local_irq_save(flags);
+	t1 = ktime_get_ns();
+	writeq(t1, pc->regs + PVCE_SYNC);
+	t2 = ktime_get_ns();
+	writeq(t2, pc->regs + PVCE_SYNC_END);
+	local_irq_restore(flags);
+}
+
+static void pvce_resync(struct work_struct *work)
+{
+	int cpu;
+
+	cpus_read_lock();
+	for_each_online_cpu(cpu) {
+		struct pvce_cpu *pc = per_cpu_ptr(&pvce_cpus, cpu);
+
+		if (pc->online)
+			pvce_sync(pc);
+	}
+	cpus_read_unlock();
+	if (resync_ms)
+		schedule_delayed_work(&pvce_resync_work, msecs_to_jiffies(resync_ms));
+}
+
+static int pvce_set_next_ktime(ktime_t expires, struct clock_event_device *ced)
+{
+	struct pvce_cpu *pc = to_pvce(ced);
+	u64 t = expires < 0 ? 0 : (u64)expires;
+
+	if (!use_shared) {
+		writeq(t, pc->regs + PVCE_DEADLINE);
+		return 0;
+	}
+	WRITE_ONCE(pc->shm->deadline, t);
+	/*
+	 * Store DEADLINE, then load ARMED: the host stores ARMED, then loads
+	 * DEADLINE again. With a full barrier on both sides one of us sees
+	 * the other's store, so an earlier deadline is never left unarmed.
+	 */
+	smp_mb();
+	if (t < READ_ONCE(pc->shm->armed))
+		writel(1, pc->regs + PVCE_DOORBELL);
+	return 0;
+}
+
+static int pvce_shutdown(struct clock_event_device *ced)
+{
+	struct pvce_cpu *pc = to_pvce(ced);
+
+	writel(pc->control & ~PVCE_CTRL_ENABLE, pc->regs + PVCE_CONTROL);
+	return 0;
+}
+
+static int pvce_set_oneshot(struct clock_event_device *ced)
+{
+	struct pvce_cpu *pc = to_pvce(ced);
+
+	if (use_shared)
+		WRITE_ONCE(pc->shm->deadline, PVCE_NEVER);
+	writel(pc->control, pc->regs + PVCE_CONTROL);
+	if (!(readl(pc->regs + PVCE_CONTROL) & PVCE_CTRL_ENABLE))
+		return -EIO;
+	return 0;
+}
+
+static irqreturn_t pvce_interrupt(int irq, void *dev_id)
+{
+	struct pvce_cpu *pc = dev_id;
+
+	if (pc->ced.event_handler)
+		pc->ced.event_handler(&pc->ced);
+	return IRQ_HANDLED;
+}
+
+static int pvce_cpu_online(unsigned int cpu)
+{
+	struct pvce_cpu *pc = per_cpu_ptr(&pvce_cpus, cpu);
+	struct clock_event_device *ced = &pc->ced;
+	int ret;
+
+	pc->regs = ioremap(base + (unsigned long)cpu * PVCE_WINDOW, PVCE_WINDOW);
+	if (!pc->regs)
+		return -ENOMEM;
+	if (readl(pc->regs + PVCE_ID) != PVCE_MAGIC) {
+		pr_warn("pvce: no device window for CPU %u at %#lx\n", cpu,
+			base + (unsigned long)cpu * PVCE_WINDOW);
+		ret = -ENODEV;
+		goto unmap;
+	}
+	pc->control = PVCE_CTRL_ENABLE | PVCE_CTRL_ROUTE_GSI |
+		      ((u32)(irq_base + cpu) << PVCE_CTRL_GSI_SHIFT);
+	if (use_shared) {
+		pc->shm = (struct pvce_shared *)get_zeroed_page(GFP_KERNEL);
+		if (!pc->shm) {
+			ret = -ENOMEM;
+			goto unmap;
+		}
+		pc->shm->deadline = PVCE_NEVER;
+		pc->shm->armed = PVCE_NEVER;
+		writeq(virt_to_phys(pc->shm), pc->regs + PVCE_SHARED_GPA);
+		pc->control |= PVCE_CTRL_SHARED;
+	}
+	pc->irq = irq_base + cpu;
+	snprintf(pc->name, sizeof(pc->name), "pvce%u", cpu);
+	ret = request_irq(pc->irq, pvce_interrupt, IRQF_TIMER | IRQF_NOBALANCING, pc->name, pc);
+	if (ret) {
+		pr_warn("pvce: IRQ %d for CPU %u: error %d\n", pc->irq, cpu, ret);
+		goto free_shm;
+	}
+	irq_set_affinity(pc->irq, cpumask_of(cpu));
+	pvce_sync(pc);
+
+	memset(ced, 0, sizeof(*ced));
+	ced->name = pc->name;
+	ced->features = CLOCK_EVT_FEAT_ONESHOT | CLOCK_EVT_FEAT_KTIME;
+	ced->rating = rating;
+	ced->cpumask = cpumask_of(cpu);
+	ced->irq = pc->irq;
+	ced->set_next_ktime = pvce_set_next_ktime;
+	ced->set_state_shutdown = pvce_shutdown;
+	ced->set_state_oneshot = pvce_set_oneshot;
+	ced->set_state_oneshot_stopped = pvce_shutdown;
+	ced->tick_resume = pvce_shutdown;
+	/* ns in, ns out: a 1:1 "frequency" for the parts of the core that look */
+	ced->mult = 1;
+	ced->shift = 0;
+	ced->min_delta_ns = 1000;
+	ced->max_delta_ns = KTIME_MAX;
+	ced->min_delta_ticks = 1000;
+	ced->max_delta_ticks = ULONG_MAX;
+	pc->online = true;
+	clockevents_register_device(ced);
+	return 0;
+
+free_shm:
+	if (pc->shm) {
+		writeq(0, pc->regs + PVCE_SHARED_GPA);
+		free_page((unsigned long)pc->shm);
+		pc->shm = NULL;
+	}
+unmap:
+	iounmap(pc->regs);
+	pc->regs = NULL;
+	return ret;
+}
+
+static int __init pvce_init(void)
+{
+	void __iomem *regs;
+	u32 id, version, features;
+	int ret;
+
+	regs = ioremap(base, PVCE_WINDOW);
+	if (!regs)
+		return -ENOMEM;
+	id = readl(regs + PVCE_ID);
+	version = readl(regs + PVCE_VERSION);
+	features = readl(regs + PVCE_FEATURES);
+	iounmap(regs);
+	if (id != PVCE_MAGIC || (version >> 16) != PVCE_MAJOR) {
+		pr_info("pvce: no device at %#lx (id %#x, version %#x)\n", base, id, version);
+		return -ENODEV;
+	}
+	use_shared = shared && (features & PVCE_FEAT_SHARED);
+	pr_info("pvce: version %u.%u at %#lx, %s deadlines\n", version >> 16, version & 0xffff,
+		base, use_shared ? "shared-block" : "register");
+
+	ret = cpuhp_setup_state(CPUHP_AP_ONLINE_DYN, "clockevents/pvce:online", pvce_cpu_online, NULL);
+	if (ret < 0)
+		return ret;
+	pvce_hp_state = ret;
+	if (resync_ms)
+		schedule_delayed_work(&pvce_resync_work, msecs_to_jiffies(resync_ms));
+	return 0;
+}
+module_init(pvce_init);
+
+MODULE_DESCRIPTION("kvmkit paravirtual clock event device");
+MODULE_AUTHOR("kvmkit");
+MODULE_LICENSE("GPL");
