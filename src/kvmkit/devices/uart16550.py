@@ -393,9 +393,13 @@ class Uart16550:
         self._cti_pending = False
 
     def _clear_tx(self, explicit: bool) -> None:
-        """Empty the TX FIFO; THRE is (re)raised when bytes were dropped or on FCR.XMIT reset."""
-        if self._tx or explicit:
-            self._thre_pending = True
+        """Empty the TX FIFO; a transmitter reset leaves THR empty, so THRE is raised.
+
+        Raised also when the FIFO was already empty (and on a FIFO mode
+        change, which resets the transmitter too), as QEMU does: the driver
+        treats a spare THRE interrupt as "nothing to send" and stops TX.
+        """
+        self._thre_pending = True
         self._tx.clear()
 
     def _after_rx_change(self) -> None:
