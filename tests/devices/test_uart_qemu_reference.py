@@ -136,7 +136,7 @@ class Pair:
     the unit tests can run on it unchanged.
     """
 
-    def __init__(self, qemu: QTest, fifo_note: str = "") -> None:
+    def __init__(self, qemu: QTest) -> None:
         self.q = qemu
         self.level = False
         self.m = Uart16550(self._irq)
