@@ -72,6 +72,7 @@ class MachineConfig:
     # test guests.
     irqchip: bool = True
     cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
+    pv_timer: bool = True  # paravirtual clock event device (docs/pv-clockevent.md); needs irqchip
 
 
 class Machine:
@@ -160,6 +161,10 @@ class Machine:
         self.pio_bus.register(0x64, 1, _Window(self.i8042, 4), "i8042-cmd")
         self.post = PortSink()
         self.pio_bus.register(0x80, 1, self.post, "post")
+        self.pv_timer = None  # kvmkit.machine.pvtimer.PvTimer
+        if cfg.pv_timer and cfg.irqchip:
+            from .pvtimer import PvTimer
+            self.pv_timer = PvTimer(self, cfg.cpus)
         for idx, (base, irq) in enumerate(COM_PORTS):
             if backends is not None:
                 backend = backends[idx] if idx < len(backends) else None
@@ -324,6 +329,8 @@ class Machine:
 
     # --- teardown ----------------------------------------------------------------------
     def close(self) -> None:
+        if getattr(self, "pv_timer", None) is not None:
+            self.pv_timer.close()
         for reader in self.kvm_stats.values():
             reader.close()
         self.kvm_stats = {}

@@ -1,0 +1,160 @@
+"""Host side of the paravirtual clock event device: timerfd, irqfd, doorbell eventfd, routing.
+
+The KVM tests drive the register window from Python (as a guest's MMIO
+would) and look at the vCPU's local APIC: an expiry must leave the vector
+pending in the IRR, delivered through the irqfd with no vCPU running.
+The guest-driven path is in tests/guest (timer-bench) and benchmarks/timer.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import pytest
+
+from kvmkit.devices import pvclockevent as p
+from kvmkit.kvm import constants as kc
+from kvmkit.machine.pvtimer import MSI_GSI_BASE, PVCE_BASE, TimerFd, routing_table
+
+VEC = 0xEC
+
+
+def test_routing_table_keeps_pc_defaults_and_adds_msi():
+    table = routing_table({0: VEC, 3: 0x41})
+    pic = {(e.gsi, e.irqchip.pin) for e in table if e.type == kc.KVM_IRQ_ROUTING_IRQCHIP and e.irqchip.irqchip != kc.KVM_IRQCHIP_IOAPIC}
+    ioapic = {e.gsi: e.irqchip.pin for e in table if e.type == kc.KVM_IRQ_ROUTING_IRQCHIP and e.irqchip.irqchip == kc.KVM_IRQCHIP_IOAPIC}
+    assert (4, 4) in pic and (12, 4) in pic and not any(g == 2 for g, _ in pic)
+    assert ioapic[0] == 2 and ioapic[4] == 4 and ioapic[23] == 23 and 2 not in ioapic
+    msi = {e.gsi: (e.msi.address_lo, e.msi.data) for e in table if e.type == kc.KVM_IRQ_ROUTING_MSI}
+    assert msi == {MSI_GSI_BASE: (0xFEE00000, VEC), MSI_GSI_BASE + 3: (0xFEE03000, 0x41)}
+
+
+def test_timerfd_absolute_expiry():
+    t = TimerFd()
+    try:
+        t.set_abs(time.monotonic_ns() + 2_000_000)
+        assert t.read() == 0
+        time.sleep(0.01)
+        assert t.read() == 1
+        t.set_abs(time.monotonic_ns() + 1_000_000)
+        t.set_abs(0)  # disarm
+        time.sleep(0.005)
+        assert t.read() == 0
+    finally:
+        t.close()
+
+
+@pytest.fixture
+def machine():
+    from kvmkit.machine.machine import Machine, MachineConfig
+
+    m = Machine(MachineConfig(mem_size=64 << 20, serial=["none"] * 4))
+    vcpu = m.runners[0].vcpu
+    st = vcpu.get_lapic()
+    raw = (ctypes.c_uint8 * ctypes.sizeof(st)).from_buffer(st)
+    raw[0xF0:0xF4] = list((0x1FF).to_bytes(4, "little"))  # SVR: APIC software-enabled
+    vcpu.set_lapic(st)
+    yield m
+    m.close()
+
+
+def irr_has(m, vector: int) -> bool:
+    st = m.runners[0].vcpu.get_lapic()
+    regs = bytes((ctypes.c_uint8 * ctypes.sizeof(st)).from_buffer(st))
+    word = int.from_bytes(regs[0x200 + (vector // 32) * 0x10:][:4], "little")
+    return bool(word >> (vector % 32) & 1)
+
+
+def wait_for(cond, timeout: float = 1.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.001)
+    return cond()
+
+
+@pytest.mark.kvm
+def test_window_identifies_itself(machine):
+    bus = machine.mmio_bus
+    assert bus.read(PVCE_BASE + p.REG_ID, 4) == p.PVCE_MAGIC
+    assert bus.read(PVCE_BASE + p.REG_VERSION, 4) >> 16 == 1
+    feats = bus.read(PVCE_BASE + p.REG_FEATURES, 4)
+    assert feats & p.FEAT_SHARED and feats & p.FEAT_DOORBELL_IN_KERNEL
+    assert bus.read(PVCE_BASE + p.REG_TSC_KHZ, 4) > 100_000
+    assert bus.read(PVCE_BASE + p.WINDOW_SIZE + p.REG_ID, 4) == 0xFFFFFFFF  # one vCPU: one window
+
+
+@pytest.mark.kvm
+def test_register_deadline_raises_msi_on_the_vcpu(machine):
+    bus = machine.mmio_bus
+    vt = machine.pv_timer.cpus[0]
+    bus.write(PVCE_BASE + p.REG_CONTROL, 4, p.CTRL_ENABLE | VEC << p.CTRL_VECTOR_SHIFT)
+    assert not irr_has(machine, VEC)
+    deadline = time.monotonic_ns() + 3_000_000
+    bus.write(PVCE_BASE + p.REG_DEADLINE, 8, deadline)
+    assert wait_for(lambda: vt.model.fires == 1)
+    assert time.monotonic_ns() >= deadline
+    assert vt.expiries == 1
+    assert wait_for(lambda: irr_has(machine, VEC))
+    status = bus.read(PVCE_BASE + p.REG_STATUS, 8)
+    assert status & p.STS_FIRED and status >> 32 == 1 and not status & p.STS_MISSED
+    assert machine.mmio_bus.device_errors == 0
+
+
+@pytest.mark.kvm
+def test_past_deadline_fires_at_once_and_disabled_never(machine):
+    bus = machine.mmio_bus
+    vt = machine.pv_timer.cpus[0]
+    bus.write(PVCE_BASE + p.REG_DEADLINE, 8, 1)  # disabled: nothing
+    time.sleep(0.01)
+    assert vt.model.fires == 0 and not irr_has(machine, VEC)
+    bus.write(PVCE_BASE + p.REG_CONTROL, 4, p.CTRL_ENABLE | VEC << p.CTRL_VECTOR_SHIFT)
+    bus.write(PVCE_BASE + p.REG_DEADLINE, 8, 1)
+    assert vt.model.fires == 1 and bus.read(PVCE_BASE + p.REG_STATUS, 4) & p.STS_MISSED
+    assert wait_for(lambda: irr_has(machine, VEC))
+    bus.write(PVCE_BASE + p.REG_DEADLINE, 8, time.monotonic_ns() + 2_000_000)
+    bus.write(PVCE_BASE + p.REG_CONTROL, 4, 0)  # shut down before it expires
+    time.sleep(0.01)
+    assert vt.model.fires == 1 and vt.expiries == 0
+
+
+@pytest.mark.kvm
+def test_shared_block_and_doorbell_eventfd(machine):
+    bus = machine.mmio_bus
+    mem = machine.mem
+    vt = machine.pv_timer.cpus[0]
+    blk = 0x200000
+    mem.write_u64(blk + p.SHM_DEADLINE, p.NEVER)
+    bus.write(PVCE_BASE + p.REG_SHARED_GPA, 8, blk)
+    bus.write(PVCE_BASE + p.REG_CONTROL, 4, p.CTRL_ENABLE | p.CTRL_SHARED | VEC << p.CTRL_VECTOR_SHIFT)
+    assert mem.read_u64(blk + p.SHM_ARMED) == p.NEVER
+    first = time.monotonic_ns() + 5_000_000
+    mem.write_u64(blk + p.SHM_DEADLINE, first)
+    os.eventfd_write(vt.bell_efd, 1)  # what KVM does for the guest's DOORBELL write
+    assert wait_for(lambda: mem.read_u64(blk + p.SHM_ARMED) == first)
+    later = first + 5_000_000
+    mem.write_u64(blk + p.SHM_DEADLINE, later)  # later: no doorbell
+    assert wait_for(lambda: vt.model.fires == 1, 2.0)
+    assert time.monotonic_ns() >= later
+    assert vt.model.rearms_later == 1 and vt.expiries == 2 and vt.bells == 1
+    assert mem.read_u64(blk + p.SHM_ARMED) == p.NEVER
+    assert mem.read_u32(blk + p.SHM_COUNT) == 1
+    assert wait_for(lambda: irr_has(machine, VEC))
+
+
+@pytest.mark.kvm
+def test_gsi_route_and_garbage(machine):
+    bus = machine.mmio_bus
+    vt = machine.pv_timer.cpus[0]
+    for off in range(0, 0x60, 4):
+        bus.write(PVCE_BASE + off, 4, 0xFFFFFFFF)
+        bus.write(PVCE_BASE + off, 8, 0xFFFFFFFFFFFFFFFF)
+        bus.read(PVCE_BASE + off, 8)
+    bus.write(PVCE_BASE + p.REG_CONTROL, 4, p.CTRL_ENABLE | p.CTRL_ROUTE_GSI | 10 << p.CTRL_GSI_SHIFT)
+    assert vt.irqfd_gsi == 10
+    bus.write(PVCE_BASE + p.REG_DEADLINE, 8, 1)
+    assert vt.model.fires >= 1
+    assert bus.device_errors == 0
