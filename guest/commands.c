@@ -6,6 +6,7 @@
  */
 #include "kernel.h"
 #include "commands.h"
+int cmd_serial_selftest(int argc, char **argv);	/* serial8250.c */
 
 static int usage(char **argv)
 {
@@ -275,6 +276,7 @@ const struct command commands[] = {
 	{ "pio-read-loop", "<count> [port]: inb loop at CPL3, TSC cycles", cmd_pio_read_loop },
 	{ "user-test", "write from CPL3 through int $0x80", cmd_user_test },
 	{ "ud2", "raise #UD and catch it (IDT test)", cmd_ud2 },
+	{ "serial-selftest", "<port 2-4> tx|rx <bytes>: 8250 driver xorshift32 stream test", cmd_serial_selftest },
 	{ "shell", "(last in a script) stay in the shell", cmd_shell },
 	{ NULL, NULL, NULL },
 };
