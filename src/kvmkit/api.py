@@ -116,12 +116,14 @@ class VirtualMachine:
 
     def __init__(self, kernel: str | Path | None = None, initrd: str | Path | None = None,
                  append: str | None = None, script: str | None = None, mem: str | int = "256M",
-                 cpus: int = 1, serial_fifo: bool = True, extra_ports: list[Backend] | None = None,
-                 cpuid_clear: dict[tuple[int, str], int] | None = None) -> None:
+                 cpus: int = 1, serial_fifo: bool = True, serial_pace: bool = False,
+                 extra_ports: list[Backend] | None = None,
+                 cpuid_clear: dict[tuple[int, str], int] | None = None, quirks: str = "auto") -> None:
         self.console_backend = SocketPairBackend()
         backends: list[Backend] = [self.console_backend] + (extra_ports or [NullBackend(), NullBackend(), NullBackend()])
         cfg = MachineConfig(mem_size=parse_size(mem), cpus=cpus, serial_fifo=serial_fifo,
-                            cpuid_clear=dict(cpuid_clear or {}))
+                            serial_pace=serial_pace,
+                            cpuid_clear=dict(cpuid_clear or {}), quirks=quirks)
         self.machine = Machine(cfg, backends=backends)
         self.console = ConsoleTap(self.console_backend.peer)
         try:

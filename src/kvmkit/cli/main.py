@@ -53,8 +53,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="serial backend per port, in order COM1..COM4 or named (COM2=file:/tmp/com2)")
     p.add_argument("--serial-nofifo", action="store_true",
                    help="model a FIFO-less 8250 (the old kvm tool's UART), for comparison")
+    p.add_argument("--serial-pace", action="store_true",
+                   help="send serial output at the baud rate the guest programmed (real timing); off by default")
     p.add_argument("--stats", action="store_true", help="print exit statistics when the VM stops")
     p.add_argument("--stats-json", metavar="FILE", help="write exit statistics as JSON to FILE")
+    p.add_argument("--quirks", choices=["auto", "nested-pvm", "none"], default="auto",
+                   help="host quirk profile (docs/quirks.md); auto picks nested-pvm on a PVM host, none elsewhere")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
     p.add_argument("script", nargs=argparse.REMAINDER, help="bundled guest: commands to run")
 
@@ -63,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..machine.machine import Machine, MachineConfig, parse_size
 
     cfg = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, serial=_serial_specs(args.serial),
-                        serial_fifo=not args.serial_nofifo, stats=args.stats)
+                        serial_fifo=not args.serial_nofifo, serial_pace=args.serial_pace,
+                        stats=args.stats, quirks=args.quirks)
     machine = Machine(cfg)  # KVM problems first: they are the most basic
     try:
         if args.kernel:
@@ -94,12 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_data = [s.as_dict() for s in machine.exit_stats()] if args.stats_json else None
         kstats = machine.in_kernel_stats() if args.stats_json else None
         message = machine.stop_message
+        quirk_text = machine.quirks.summary()
         status = machine.status if machine.status is not None else 1
         machine.close()
     if message and (status != 0 or args.verbose or args.stats):
         print(f"\nkvmkit: {message}", file=sys.stderr)
     if args.stats and stats_text:
         print(stats_text, file=sys.stderr)
+    if (args.stats or args.verbose) and quirk_text:
+        print(quirk_text, file=sys.stderr)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps({"status": status, "vcpus": stats_data, "kvm": kstats}, indent=2))
     return status

@@ -18,18 +18,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..devices.cmos import CMOS_INDEX, Cmos
+from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.misc import EXIT_PORT, I8042, ExitPort, PortSink
 from ..errors import KvmkitError
 from ..host.backends import Backend, NullBackend, parse_backend
 from ..host.loop import EventLoop
-from ..kvm.constants import Cap
-from ..kvm.system import Kvm, KvmError, Vm
+from ..kvm.constants import KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, Cap
+from ..kvm.system import Kvm, KvmError, Vcpu, Vm
 from ..memory import GuestMemory
 from ..profile.exits import VcpuExitStats, format_exit_table
 from ..profile.kvmstats import StatsReader
 from .bus import Bus
 from .cpu import LongModeEntry, build_cpuid, set_long_mode
 from .irq import IrqLine
+from .quirks import make_quirks
 from .serial import SerialPort
 from .vcpu import VcpuRunner
 
@@ -49,6 +52,8 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 COM_PORTS = [(0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3)]
 
 KICK_SIGNAL = signal.SIGUSR1
+WATCH_INTERVAL = 1.0  # seconds between kicks when a kick hook wants to look at the vCPUs
+RFLAGS_IF = 1 << 9
 
 
 def _install_kick_handler() -> bool:
@@ -66,12 +71,14 @@ class MachineConfig:
     cpus: int = 1
     serial: list[str] = field(default_factory=lambda: ["stdio", "none", "none", "none"])
     serial_fifo: bool = True
+    serial_pace: bool = False
     stats: bool = False
     # The in-kernel PIC/IOAPIC/LAPIC and PIT. Without them HLT exits to user
     # space (KVM_EXIT_HLT) and no interrupt can be delivered: only for tiny
     # test guests.
     irqchip: bool = True
     cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
+    quirks: str = "auto"  # host quirk profile: auto, nested-pvm, none (machine/quirks.py)
     pv_timer: bool = True  # paravirtual clock event device (docs/pv-clockevent.md); needs irqchip
 
 
@@ -98,6 +105,8 @@ class Machine:
         self.pio_bus = Bus("pio", 0x10000)
         self.mmio_bus = Bus("mmio", 1 << 52)
         self.kvm_stats: dict[int, StatsReader] = {}
+        self._watch_halt = False
+        self._halted: dict[int, bool] = {}
         try:
             self._build(backends)
         except BaseException:
@@ -135,10 +144,15 @@ class Machine:
         self.irq_lines: dict[int, IrqLine] = {}
         self._build_devices(backends)
         supported = kvm.supported_cpuid()
+        self.quirks = make_quirks(cfg.quirks, self)
+        cpuid_clear = dict(self.quirks.cpuid_clear())
+        for key, bits in cfg.cpuid_clear.items():
+            cpuid_clear[key] = cpuid_clear.get(key, 0) | bits
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(build_cpuid(supported, i, cfg.cpus, cfg.cpuid_clear))
+            vcpu.set_cpuid2(build_cpuid(supported, i, cfg.cpus, cpuid_clear))
             self.runners.append(VcpuRunner(self, vcpu))
+            self.quirks.install(self.runners[-1])
             try:
                 self.kvm_stats[i] = StatsReader(vcpu.stats_fd())
             except (KvmError, OSError):
@@ -161,6 +175,10 @@ class Machine:
         self.pio_bus.register(0x64, 1, _Window(self.i8042, 4), "i8042-cmd")
         self.post = PortSink()
         self.pio_bus.register(0x80, 1, self.post, "post")
+        assert self.mem is not None
+        low = sum(r.size for r in self.mem.regions if r.gpa < 1 << 32)
+        self.cmos = Cmos(nvram=cmos_memory_bytes(low, self.mem.size - low, cfg.cpus))
+        self.pio_bus.register(CMOS_INDEX, 2, self.cmos, "cmos")
         self.pv_timer = None  # kvmkit.machine.pvtimer.PvTimer
         if cfg.pv_timer and cfg.irqchip:
             from .pvtimer import PvTimer
@@ -173,7 +191,8 @@ class Machine:
                 backend = None if spec == "off" else parse_backend(spec, self._escape_command)
             if backend is None:
                 continue
-            port = SerialPort(f"COM{idx + 1}", self.loop, backend, self.irq_line(irq).source(), fifo=cfg.serial_fifo)
+            port = SerialPort(f"COM{idx + 1}", self.loop, backend, self.irq_line(irq).source(), fifo=cfg.serial_fifo,
+                              pace=cfg.serial_pace)
             self.pio_bus.register(base, 8, port, f"COM{idx + 1}")
             self.serial_ports.append(port)
 
@@ -196,8 +215,14 @@ class Machine:
     # --- loading ---------------------------------------------------------------
     def boot(self, kernel: bytes, initrd: bytes | None = None, cmdline: str = "") -> "BootInfo":
         """Load a bzImage or ELF kernel (Linux or the bundled guest) and point vCPU 0 at it."""
+        from ..boot.bzimage import is_bzimage
+        from ..boot.elf import is_elf, linux_banner
         from ..boot.linux import load_linux
         assert self.mem is not None
+        is_linux = is_bzimage(kernel) or (is_elf(kernel) and linux_banner(kernel) is not None)
+        if is_linux:
+            cmdline = self.quirks.linux_cmdline(cmdline)
+            self._watch_halt = True  # poweroff without ACPI: Linux halts with interrupts off
         info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=self.config.cpus)
         self.boot_info = info
         self.set_entry(LongModeEntry(
@@ -205,6 +230,30 @@ class Machine:
             code_selector=info.code_selector, data_selector=info.data_selector, rsp=info.rsp,
             cr0=info.cr0, cr4=info.cr4, efer=info.efer))
         return info
+
+    # --- guest halted for good (poweroff -f without ACPI) -----------------------------
+    def _watch_kicks(self) -> None:
+        """Kick every vCPU out of KVM_RUN now and then, so kick hooks can look at it."""
+        while not self._done.wait(WATCH_INTERVAL):
+            for runner in self.runners:
+                t = runner.thread
+                if t is not None and t.is_alive() and t.ident is not None:
+                    try:
+                        signal.pthread_kill(t.ident, KICK_SIGNAL)
+                    except (ProcessLookupError, OSError):
+                        pass
+
+    def _check_halted(self, vcpu: Vcpu) -> None:
+        """Linux's poweroff (and halt) without ACPI ends in cli; hlt on every CPU: stop with status 0."""
+        try:
+            state = vcpu.get_mp_state()
+            halted = state == KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
+        except KvmError:
+            return
+        # A vCPU the guest never started (waiting for INIT/SIPI) counts as stopped too.
+        self._halted[vcpu.id] = halted or (vcpu.id != 0 and state in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED))
+        if halted and all(self._halted.get(r.vcpu.id) for r in self.runners):
+            self.request_stop(0, "the guest halted with interrupts off on every vCPU (Linux's poweroff without ACPI)")
 
     def set_entry(self, entry: LongModeEntry) -> None:
         """Start every vCPU at a 64-bit entry (APs are parked by the guest's own SMP bring-up)."""
@@ -251,8 +300,13 @@ class Machine:
         for port in self.serial_ports:
             port.start()
         self.loop.start()
+        if self._watch_halt:
+            for runner in self.runners:
+                runner.kick_hooks.append(self._check_halted)
         for runner in self.runners:
             runner.start()
+        if any(runner.kick_hooks for runner in self.runners):
+            threading.Thread(target=self._watch_kicks, name="kvmkit-watch", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the machine stops (or ``timeout``); returns the exit status or None."""

@@ -20,6 +20,7 @@ and the host, which is what makes a serial console fast or slow:
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from ..devices.base import IrqCallback
@@ -49,7 +50,7 @@ class SerialPort:
     """Bus device for one COM port: the UART model plus its host end."""
 
     def __init__(self, name: str, loop: EventLoop, backend: Backend, irq: IrqCallback,
-                 *, fifo: bool = True, output_limit: int = OUTPUT_LIMIT) -> None:
+                 *, fifo: bool = True, output_limit: int = OUTPUT_LIMIT, pace: bool = False) -> None:
         self.name = name
         self.loop = loop
         self.backend = backend
@@ -67,6 +68,11 @@ class SerialPort:
         self._cti: TimerHandle | None = None
         self._always_ready = False
         self._closed = False
+        # --serial-pace: one character leaves per character time at the
+        # programmed line speed; _line_free is when the transmitter is idle.
+        self.pace = pace
+        self._line_free = 0.0
+        self._pace_timer = False
 
     # --- guest side (vCPU threads) -------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
@@ -115,12 +121,49 @@ class SerialPort:
             self._resume_input()
             self._flush_output()
 
+    def char_time(self) -> float:
+        """Seconds one character takes on the wire at the programmed LCR and divisor; inf if stopped."""
+        baud = self.uart.baud
+        if baud <= 0:
+            return float("inf")
+        lcr = self.uart.lcr
+        bits = 1 + (5 + (lcr & 0x3)) + (1 if lcr & 0x08 else 0) + (2 if lcr & 0x04 else 1)
+        return bits / baud
+
+    def _paced_allowance(self) -> int:
+        """With pacing, how many bytes may leave now (0 or 1), and when to come back."""
+        now = time.monotonic()
+        if now < self._line_free:
+            self._schedule_paced(self._line_free - now)
+            return 0
+        ct = self.char_time()
+        if ct == float("inf"):
+            return 0  # divisor 0: the baud generator is stopped, nothing is sent
+        self._line_free = now + ct
+        if self.uart.tx_pending() > 1:
+            self._schedule_paced(ct)
+        return 1
+
+    def _schedule_paced(self, delay: float) -> None:
+        if not self._pace_timer and not self._closed:
+            self._pace_timer = True
+            self.loop.call_soon_later(delay, self._paced_timer)
+
+    def _paced_timer(self) -> None:
+        with self.lock:
+            self._pace_timer = False
+            self._drain_locked()
+
     def _drain_locked(self) -> int:
-        """Move TX FIFO bytes to the output buffer, as far as the bound allows."""
+        """Move TX FIFO bytes to the output buffer, as far as the bound and the pace allow."""
         room = self.output_limit - len(self.outbuf)
         if room <= 0:
             self.counters.output_stalls += 1
             return 0
+        if self.pace and self.uart.tx_pending():
+            room = min(room, self._paced_allowance())
+            if room == 0:
+                return 0
         data = self.uart.take_tx(room)
         if data:
             self.outbuf += data
@@ -242,6 +285,7 @@ class SerialPort:
     def close(self) -> None:
         """Flush what is buffered (best effort, non-blocking) and close the host end."""
         self._closed = True
+        self.pace = False  # what is left goes out now, not at line speed
         with self.lock:
             self.uart.take_tx  # noqa: B018  (model stays valid)
             try:
