@@ -298,6 +298,30 @@ def test_shared_block_validation():
     assert not dev.io_read(p.REG_CONTROL, 4) & p.CTRL_ENABLE
 
 
+class ViewRam(FakeRam):
+    def view(self, gpa: int, size: int) -> memoryview:
+        return memoryview(self.buf)[gpa:gpa + size]
+
+
+def test_shared_block_through_a_zero_copy_view():
+    host = FakeHost()
+    ram = ViewRam()
+    dev = PvClockEvent(host, ram)
+    ram.write_u64(0x1000, p.NEVER)
+    dev.io_write(p.REG_SHARED_GPA, 8, 0x1000)
+    dev.io_write(p.REG_CONTROL, 4, ENABLE | p.CTRL_SHARED)
+    assert guest_program(dev, ram, 2_000_000)
+    reads = ram.reads
+    assert host.armed == 2_000_000 and ram.read_u64(0x1000 + p.SHM_ARMED) == 2_000_000
+    expire(dev, host)
+    assert host.fired == 1 and struct.unpack_from("<I", ram.buf, 0x1000 + p.SHM_COUNT)[0] == 1
+    assert ram.reads == reads + 1  # the model itself went through the view
+    dev.release()
+    assert dev.io_read(p.REG_SHARED_GPA, 8) == 0 and not dev.io_read(p.REG_CONTROL, 4) & p.CTRL_ENABLE
+    bytearray_resizable = ram.buf
+    bytearray_resizable.extend(b"\0")  # no view is left holding the buffer
+
+
 def test_deadline_register_in_shared_mode_writes_the_block():
     dev, host, ram = make(shared=True)
     dev.io_write(p.REG_DEADLINE, 8, 7_000_000)

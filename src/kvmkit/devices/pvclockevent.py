@@ -144,6 +144,8 @@ class PvClockEvent:
         self._guest_target = NEVER       # the guest deadline behind _target
         self._fired_shared = NEVER       # shared-block deadline that already fired
         self._route: tuple[str, int] | None = None
+        self._shm_q: memoryview | None = None  # the shared block as u64s / u32s, when RAM offers views
+        self._shm_i: memoryview | None = None
         # counters for tests and --stats
         self.arms = 0
         self.fires = 0
@@ -199,6 +201,17 @@ class PvClockEvent:
         with self.lock:
             self._doorbell()
 
+    def release(self) -> None:
+        """Drop the views of guest RAM (before the RAM is unmapped)."""
+        with self.lock:
+            for v in (self._shm_q, self._shm_i):
+                if v is not None:
+                    v.release()
+            self._shm_q = self._shm_i = None
+            self.shared_gpa = 0
+            self._cancel()
+            self.control &= ~CTRL_ENABLE
+
     @property
     def route(self) -> tuple[str, int] | None:
         return self._route
@@ -248,6 +261,14 @@ class PvClockEvent:
                 self.status |= STS_ERROR
                 return
             self.shared_gpa = value
+            self._shm_q = self._shm_i = None
+            view = getattr(self.mem, "view", None)
+            if value and view is not None:
+                try:  # zero-copy: the host thread reads the block on every event
+                    raw = view(value, SHM_SIZE)
+                    self._shm_q, self._shm_i = raw.cast("Q"), raw.cast("I")
+                except Exception:
+                    self._shm_q = self._shm_i = None
 
     def _shared_ok(self, gpa: int) -> bool:
         return (self.mem is not None and gpa % SHM_ALIGN == 0 and gpa + SHM_SIZE <= U64
@@ -379,6 +400,8 @@ class PvClockEvent:
             return
 
     def _shm_read(self, off: int) -> int | None:
+        if self._shm_q is not None:
+            return self._shm_q[off >> 3]
         if not self.shared_gpa or self.mem is None:
             return None
         try:
@@ -387,14 +410,18 @@ class PvClockEvent:
             return None
 
     def _shm_write(self, off: int, value: int) -> None:
-        if self.shared_gpa and self.mem is not None:
+        if self._shm_q is not None:
+            self._shm_q[off >> 3] = value & U64
+        elif self.shared_gpa and self.mem is not None:
             try:
                 self.mem.write_u64(self.shared_gpa + off, value & U64)
             except Exception:
                 pass
 
     def _shm_write32(self, off: int, value: int) -> None:
-        if self.shared_gpa and self.mem is not None:
+        if self._shm_i is not None:
+            self._shm_i[off >> 2] = value & 0xFFFF_FFFF
+        elif self.shared_gpa and self.mem is not None:
             try:
                 self.mem.write_u32(self.shared_gpa + off, value & 0xFFFF_FFFF)
             except Exception:

@@ -262,6 +262,7 @@ class PvTimer:
             self._thread.join(timeout=5)
         for vt in self.cpus:
             if vt.model is not None:
+                vt.model.release()
                 with vt.model.lock:  # no vCPU is inside the model while its fds go
                     vt.close()
         self._ep.close()
