@@ -1,0 +1,689 @@
+"""Host quirk profiles: what kvmkit does differently on a host whose KVM is unusual.
+
+One profile exists besides ``none``: ``nested-pvm``, for KVM provided by the
+``kvm_pvm`` module (PVM, nested virtualization without VMX/SVM). There the
+guest's CPL0 code runs in KVM's instruction emulator and CPL3 code runs
+natively, which breaks a stock Linux kernel in a few precise ways
+(docs/quirks.md has the list, the reasons and how each was found):
+
+* a few instructions are not emulated (KVM_EXIT_INTERNAL_ERROR, emulation
+  suberror): some are hidden through CPUID or the command line, the rest are
+  completed here (:func:`decode` and :meth:`NestedPvmQuirks.on_internal_error`);
+* the emulated kernel is slow, so the command line skips work that costs
+  minutes when emulated (:func:`compose_cmdline`);
+* a user-mode ``syscall`` does not enter the kernel: it jumps to MSR_LSTAR
+  still at CPL3 and takes a page fault there. kvmkit watches the guest's
+  page-fault handler (found in the guest IDT) with a hardware breakpoint and
+  restarts such a fault as the SYSCALL it was (:func:`syscall_entry_state`).
+
+Everything is found from the guest's own state (IDT, MSRs), never from
+addresses of one kernel build. The profile is chosen by :func:`detect_profile`
+and is never active on a host with ordinary hardware virtualization.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import KvmkitError
+from ..kvm import constants as c
+from ..kvm import structs as s
+from ..kvm.system import KvmError, Vcpu
+from .cpu import CPUID1_ECX_CX16
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .vcpu import VcpuRunner
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("auto", "nested-pvm", "none")
+
+# --- detection -------------------------------------------------------------------
+
+
+def detect_profile(sys_module: Path = Path("/sys/module")) -> str:
+    """``nested-pvm`` when the host's KVM is the PVM module, else ``none``.
+
+    PVM registers as the ``kvm_pvm`` kernel module; with VMX or SVM the
+    vendor module is ``kvm_intel`` or ``kvm_amd`` and nothing here applies.
+    """
+    try:
+        if (sys_module / "kvm_pvm").is_dir():
+            return "nested-pvm"
+    except OSError:
+        pass
+    return "none"
+
+
+def resolve_profile(name: str | None, sys_module: Path = Path("/sys/module")) -> str:
+    """The profile to use for a ``--quirks`` value (``auto`` or None: detect)."""
+    if name in (None, "", "auto"):
+        return detect_profile(sys_module)
+    if name not in PROFILES:
+        raise KvmkitError(f"unknown quirk profile {name!r}; choose one of {', '.join(PROFILES)}.")
+    return name
+
+
+# --- CPUID and command line ---------------------------------------------------------
+
+# Bits cleared in the KVM_SET_CPUID2 table. Only bits KVM lists as supported
+# can be hidden this way here; the rest are hidden with clearcpuid= below.
+CPUID_CLEAR: dict[tuple[int, str], int] = {(1, "ecx"): CPUID1_ECX_CX16}  # lock cmpxchg16b is not emulated
+
+# Features the guest sees from the host CPU although the CPUID table lacks
+# them; each either leads to an instruction the emulator lacks (smap: clac/stac,
+# ssse3: blake2s and ldmxcsr, fsgsbase, rdpid, rdtscp, invpcid) or makes
+# emulated code slower (erms/fsrm: byte-wise rep movs/stos).
+CLEARCPUID = ("smap", "smep", "erms", "fsrm", "fsgsbase", "rdpid", "pcid", "invpcid", "popcnt",
+              "3dnowprefetch", "rdtscp", "aperfmperf", "ssse3", "sse4_1", "sse4_2")
+
+# Initcalls that take tens of seconds to minutes when emulated and that a
+# console boot does not need (tracing self-checks, certificate parsing, BPF
+# self-registration, TCP congestion module registration).
+INITCALL_BLACKLIST = ("ftrace_check_for_weak_functions", "trace_eval_init", "load_system_certificate_list",
+                      "cubictcp_register", "bpf_prog_test_run_init", "bpf_key_sig_kfuncs_init",
+                      "bpf_tcp_ca_kfunc_init", "bpf_rstat_kfunc_init", "kfunc_init")
+
+# The guest believes the TSC runs this many times faster than it does, so its
+# periodic tick (HZ, calibrated against the TSC) fires this many times less
+# often: an emulated kernel otherwise spends its time in the tick.
+TSC_SCALE = 10
+GUEST_HZ = 250  # Debian's CONFIG_HZ; only used to pre-set loops_per_jiffy
+
+
+def host_tsc_khz(vcpu: Vcpu | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The TSC frequency in kHz: KVM_GET_TSC_KHZ, else /proc/cpuinfo's "cpu MHz"."""
+    if vcpu is not None:
+        try:
+            khz = vcpu.get_tsc_khz()
+            if khz > 0:
+                return khz
+        except (KvmError, OSError):
+            pass
+    try:
+        m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo.read_text(), re.M)
+    except OSError:
+        return None
+    return int(float(m.group(1)) * 1000) if m else None
+
+
+# Parameters every Linux boot gets: kvmkit's PC has no PCI host bridge.
+MACHINE_PARAMS = ("pci=off",)
+
+
+def pvm_cmdline_params(cpus: int, tsc_khz: int | None) -> list[str]:
+    """The ``nested-pvm`` profile's kernel parameters, in the order they are appended."""
+    params = ["noxsave", "clearcpuid=" + ",".join(CLEARCPUID)]
+    if tsc_khz:
+        params.append(f"tsc_early_khz={tsc_khz * TSC_SCALE}")
+        params.append(f"lpj={tsc_khz * 1000 // GUEST_HZ}")  # delays keep their real length; no calibration loop
+    params += ["tsc=reliable", "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1", "noapic", "pci=off"]
+    if cpus == 1:
+        params.append("nosmp")
+    params += ["mitigations=off", "nopti", "nokaslr", "cryptomgr.notests", "rodata=off",
+               "initcall_blacklist=" + ",".join(INITCALL_BLACKLIST)]
+    return params
+
+
+def _param_key(param: str) -> str:
+    return param.split("=", 1)[0]
+
+
+def compose_cmdline(user: str, extra: list[str]) -> str:
+    """``user``'s command line with ``extra`` parameters appended.
+
+    A parameter the user already gave (same name before ``=``) is left as
+    the user wrote it, and everything after a `` -- `` (arguments for init)
+    stays at the end.
+    """
+    head, sep, tail = user.partition(" -- ")
+    if not sep and user.startswith("-- "):
+        head, sep, tail = "", "-- ", user[3:]
+    given = {_param_key(w) for w in head.split()}
+    add = [p for p in extra if _param_key(p) not in given]
+    out = " ".join(w for w in (head.strip(), " ".join(add)) if w)
+    if sep:
+        out += " -- " + tail
+    return out
+
+
+# --- instruction completion ------------------------------------------------------------
+
+# x86 register numbers (ModRM/SIB encoding) to kvm_regs field names.
+GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_LEGACY_PREFIXES = {0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67}
+
+
+@dataclass(frozen=True)
+class MemOperand:
+    """A ModRM memory operand: ``segment:[base + index*scale + disp]`` or ``[rip + disp]``."""
+
+    base: int | None
+    index: int | None
+    scale: int
+    disp: int
+    rip_relative: bool = False
+    segment: str | None = None  # "fs" or "gs" when overridden (others have base 0 in 64-bit mode)
+    addr32: bool = False
+
+
+@dataclass(frozen=True)
+class Insn:
+    """A decoded instruction kvmkit can complete: what it is, how long, its memory operand."""
+
+    kind: str  # int3, fwait, fence, prefetch, cacheflush, wbinvd, clac, stac, ldmxcsr, stmxcsr
+    length: int
+    mem: MemOperand | None = None
+
+
+def _modrm(code: bytes, pos: int, rex: int, segment: str | None, addr32: bool) -> tuple[int, int, MemOperand | None, int] | None:
+    """Decode ModRM (+SIB, displacement) at ``pos``: (mod, reg, memory operand, position after)."""
+    if pos >= len(code):
+        return None
+    modrm = code[pos]
+    pos += 1
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3:
+        return mod, reg, None, pos
+    base: int | None = rm | ((rex & 1) << 3)
+    index: int | None = None
+    scale = 1
+    rip_relative = False
+    disp_size = {0: 0, 1: 1, 2: 4}[mod]
+    if rm == 4:
+        if pos >= len(code):
+            return None
+        sib = code[pos]
+        pos += 1
+        scale = 1 << (sib >> 6)
+        idx = ((sib >> 3) & 7) | ((rex & 2) << 2)
+        index = None if idx == 4 else idx
+        b = sib & 7
+        base = b | ((rex & 1) << 3)
+        if b == 5 and mod == 0:
+            base = None
+            disp_size = 4
+    elif rm == 5 and mod == 0:
+        base = None
+        rip_relative = True
+        disp_size = 4
+    if pos + disp_size > len(code):
+        return None
+    if disp_size == 1:
+        disp = struct.unpack_from("<b", code, pos)[0]
+    elif disp_size == 4:
+        disp = struct.unpack_from("<i", code, pos)[0]
+    else:
+        disp = 0
+    pos += disp_size
+    return mod, reg, MemOperand(base, index, scale, disp, rip_relative, segment, addr32), pos
+
+
+def decode(code: bytes) -> Insn | None:
+    """Recognise an instruction kvmkit completes for KVM (64-bit mode); None for anything else."""
+    pos = 0
+    segment = None
+    opsize = False
+    addr32 = False
+    while pos < min(len(code), 14) and code[pos] in _LEGACY_PREFIXES:
+        p = code[pos]
+        if p == 0x64:
+            segment = "fs"
+        elif p == 0x65:
+            segment = "gs"
+        elif p == 0x66:
+            opsize = True
+        elif p == 0x67:
+            addr32 = True
+        pos += 1
+    rex = 0
+    if pos < len(code) and 0x40 <= code[pos] <= 0x4F:
+        rex = code[pos]
+        pos += 1
+    if pos >= len(code):
+        return None
+    op = code[pos]
+    pos += 1
+    if op == 0xCC:
+        return Insn("int3", pos)
+    if op == 0x9B:
+        return Insn("fwait", pos)
+    if op != 0x0F or pos >= len(code):
+        return None
+    op2 = code[pos]
+    pos += 1
+    if op2 in (0x08, 0x09):  # invd, wbinvd: caches are coherent in a VM
+        return Insn("wbinvd", pos)
+    if op2 == 0x01 and pos < len(code) and code[pos] in (0xCA, 0xCB):
+        return Insn("clac" if code[pos] == 0xCA else "stac", pos + 1)
+    if op2 not in (0xAE, 0x18, 0x0D):
+        return None
+    m = _modrm(code, pos, rex, segment, addr32)
+    if m is None:
+        return None
+    mod, reg, mem, end = m
+    if op2 == 0x18:  # prefetchnta/t0/t1/t2
+        return Insn("prefetch", end, mem) if mem is not None and reg <= 3 else None
+    if op2 == 0x0D:  # prefetch/prefetchw (3DNow!/AMD)
+        return Insn("prefetch", end, mem) if mem is not None else None
+    # 0F AE group 15
+    if mem is None:
+        if reg in (5, 6, 7) and not opsize:
+            return Insn("fence", end)
+        return None
+    if reg == 2 and not opsize:
+        return Insn("ldmxcsr", end, mem)
+    if reg == 3 and not opsize:
+        return Insn("stmxcsr", end, mem)
+    if reg == 7 or (reg == 6 and opsize):  # clflush, clflushopt (66), clwb (66 /6)
+        return Insn("cacheflush", end, mem)
+    return None
+
+
+def effective_address(mem: MemOperand, regs: s.kvm_regs, next_rip: int, segment_base: Callable[[str], int] = lambda seg: 0) -> int:
+    """The linear address of a memory operand, given the registers and the next instruction's RIP."""
+    if mem.rip_relative:
+        ea = next_rip + mem.disp
+    else:
+        ea = mem.disp
+        if mem.base is not None:
+            ea += getattr(regs, GPR_NAMES[mem.base])
+        if mem.index is not None:
+            ea += getattr(regs, GPR_NAMES[mem.index]) * mem.scale
+    if mem.addr32:
+        ea &= 0xFFFF_FFFF
+    if mem.segment:
+        ea += segment_base(mem.segment)
+    return ea & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# --- the guest IDT and the system call path -------------------------------------------------
+
+PF_VECTOR = 14
+BP_VECTOR = 3
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_SYSCALL_MASK = 0xC000_0084
+RFLAGS_IF = 1 << 9
+RFLAGS_RF = 1 << 16
+RFLAGS_AC = 1 << 18
+RFLAGS_FIXED = 1 << 1
+# DR7: G0 (global enable of breakpoint 0, execute, 1 byte) and the always-one bit 10.
+DR7_G0 = 1 << 1
+DR7_FIXED = 1 << 10
+
+
+def no_op_length(code: bytes) -> int:
+    """Length of the instruction at the start of ``code`` if it has no effect, else 0.
+
+    Linux's exception entry points begin with ``endbr64`` (kernel IBT) or a
+    NOP that an alternative (clac without SMAP) left behind.
+    """
+    if code[:4] == b"\xf3\x0f\x1e\xfa":  # endbr64
+        return 4
+    if code[:1] == b"\x90":
+        return 1
+    if code[:2] == b"\x66\x90":
+        return 2
+    pos = 0
+    while pos < len(code) and code[pos] in (0x66, 0x2E, 0x3E):
+        pos += 1
+    if code[pos:pos + 2] == b"\x0f\x1f":  # nopl/nopw with a ModRM operand
+        m = _modrm(code, pos + 2, 0, None, False)
+        if m is not None:
+            return m[3]
+    return 0
+
+
+def idt_gate_offset(entry: bytes) -> int | None:
+    """Handler address of a 16-byte 64-bit IDT gate; None when the gate is not present."""
+    if len(entry) < 16:
+        return None
+    lo, _sel, _ist, attr, mid, hi = struct.unpack_from("<HHBBHI", entry)
+    if not attr & 0x80:
+        return None
+    return lo | (mid << 16) | (hi << 32)
+
+
+@dataclass(frozen=True)
+class ExceptionFrame:
+    """What the CPU pushes for an exception with an error code, lowest address first."""
+
+    error_code: int
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+
+    SIZE = 48
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ExceptionFrame":
+        return cls(*struct.unpack_from("<6Q", data))
+
+
+def is_syscall_fault(frame: ExceptionFrame, cr2: int, lstar: int) -> bool:
+    """A page fault that is really a user-mode SYSCALL: at RIP = LSTAR, from CPL3."""
+    return lstar != 0 and frame.rip == lstar and cr2 == lstar and frame.cs & 3 == 3
+
+
+@dataclass(frozen=True)
+class SyscallEntry:
+    """Register state of a CPU that has just executed SYSCALL (Intel SDM, SYSCALL)."""
+
+    rip: int
+    rsp: int
+    rflags: int
+    cs: int
+    ss: int
+
+
+def syscall_entry_state(frame: ExceptionFrame, r11: int, star: int, fmask: int, lstar: int) -> SyscallEntry:
+    """Where SYSCALL would have put the CPU: LSTAR, kernel CS/SS from STAR, RFLAGS masked.
+
+    RCX (return RIP) and R11 (user RFLAGS) were already written by the
+    instruction; RSP stays the user's (the kernel's entry code switches
+    stacks itself), and the exception frame on the kernel stack is dropped.
+    """
+    kcs = (star >> 32) & 0xFFFC
+    rflags = (r11 & ~fmask & ~RFLAGS_RF) | RFLAGS_FIXED
+    return SyscallEntry(rip=lstar, rsp=frame.rsp, rflags=rflags & 0xFFFF_FFFF_FFFF_FFFF, cs=kcs, ss=kcs + 8)
+
+
+def _kernel_segment(selector: int, code: bool) -> s.kvm_segment:
+    seg = s.kvm_segment()
+    seg.base = 0
+    seg.limit = 0xFFFF_FFFF
+    seg.selector = selector
+    seg.present = 1
+    seg.dpl = 0
+    seg.s = 1
+    seg.g = 1
+    if code:
+        seg.type = 0xB
+        seg.l = 1
+        seg.db = 0
+    else:
+        seg.type = 0x3
+        seg.db = 1
+    return seg
+
+
+class GuestView:
+    """Guest virtual memory through KVM_TRANSLATE and the machine's RAM, page by page."""
+
+    def __init__(self, vcpu: Vcpu, read_phys: Callable[[int, int], bytes], write_phys: Callable[[int, bytes], None] | None = None) -> None:
+        self.vcpu = vcpu
+        self.read_phys = read_phys
+        self.write_phys = write_phys
+
+    def _chunks(self, addr: int, size: int):  # type: ignore[no-untyped-def]
+        while size > 0:
+            n = min(size, 0x1000 - (addr & 0xFFF))
+            tr = self.vcpu.translate(addr)
+            if not tr.valid:
+                raise KvmkitError(f"guest address {addr:#x} is not mapped")
+            yield tr.physical_address, n
+            addr += n
+            size -= n
+
+    def read(self, addr: int, size: int) -> bytes:
+        out = bytearray()
+        for gpa, n in self._chunks(addr, size):
+            chunk = self.read_phys(gpa, n)
+            if len(chunk) != n:
+                raise KvmkitError(f"guest physical address {gpa:#x} is not RAM")
+            out += chunk
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        assert self.write_phys is not None
+        done = 0
+        for gpa, n in self._chunks(addr, len(data)):
+            self.write_phys(gpa, data[done:done + n])
+            done += n
+
+
+def read_idt_handler(view: GuestView, idt_base: int, idt_limit: int, vector: int) -> int | None:
+    """Handler address of ``vector`` in the guest's IDT, or None if absent/unreadable."""
+    if (vector + 1) * 16 - 1 > idt_limit:
+        return None
+    try:
+        return idt_gate_offset(view.read(idt_base + vector * 16, 16))
+    except (KvmkitError, KvmError):
+        return None
+
+
+MXCSR_DEFAULT = 0x1F80
+
+
+@dataclass
+class QuirkCounters:
+    completed: dict[str, int]
+    syscalls: int = 0
+    page_faults_seen: int = 0
+    rearms: int = 0
+
+
+class NestedPvmQuirks:
+    """The ``nested-pvm`` profile on a machine: exit hooks on every vCPU."""
+
+    name = "nested-pvm"
+
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        self.counters = QuirkCounters(completed={})
+        self._handler: dict[int, int | None] = {}  # vCPU id -> armed #PF handler address
+        self._idt: dict[int, tuple[int, int]] = {}
+        self._mxcsr: dict[int, int] = {}
+        self._skip: dict[int, int] = {}  # vCPU id -> length of a no-op first instruction of the handler
+        self._stepping: set[int] = set()
+        self.tsc_khz: int | None = None
+
+    # -- set-up -------------------------------------------------------------------
+    def cpuid_clear(self) -> dict[tuple[int, str], int]:
+        return dict(CPUID_CLEAR)
+
+    def install(self, runner: "VcpuRunner") -> None:
+        runner.add_exit_hook(c.ExitReason.INTERNAL_ERROR, self.on_internal_error)
+        runner.add_exit_hook(c.ExitReason.DEBUG, self.on_debug)
+        runner.kick_hooks.append(self.on_kick)
+        if self.tsc_khz is None:
+            self.tsc_khz = host_tsc_khz(runner.vcpu)
+
+    def linux_cmdline(self, cmdline: str) -> str:
+        return compose_cmdline(cmdline, pvm_cmdline_params(self.machine.config.cpus, self.tsc_khz))
+
+    def _view(self, vcpu: Vcpu) -> GuestView:
+        mem = self.machine.mem
+        assert mem is not None
+        return GuestView(vcpu, self.machine.read_guest_safe, mem.write)
+
+    def _count(self, kind: str) -> None:
+        self.counters.completed[kind] = self.counters.completed.get(kind, 0) + 1
+
+    # -- instruction completion -----------------------------------------------------
+    def on_internal_error(self, vcpu: Vcpu, reason: int) -> bool:
+        run = vcpu.run
+        if run.internal.suberror != c.InternalErrorSuberror.EMULATION:
+            return False
+        ef = run.emulation_failure
+        regs = vcpu.get_regs()
+        code = b""
+        if ef.ndata >= 2 and ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            code = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+        if not code:
+            view = self._view(vcpu)
+            for size in (15, 0x1000 - (regs.rip & 0xFFF)):
+                try:
+                    code = view.read(regs.rip, min(size, 15))
+                    break
+                except (KvmkitError, KvmError):
+                    continue
+            if not code:
+                return False
+        insn = decode(code)
+        if insn is None:
+            return False
+        try:
+            return self._complete(vcpu, regs, insn)
+        except (KvmkitError, KvmError) as e:
+            log.info("could not complete %s at %#x: %s", insn.kind, regs.rip, e)
+            return False
+
+    def _complete(self, vcpu: Vcpu, regs: s.kvm_regs, insn: Insn) -> bool:
+        next_rip = regs.rip + insn.length
+        kind = insn.kind
+        if kind in ("ldmxcsr", "stmxcsr"):
+            assert insn.mem is not None
+            sregs = vcpu.get_sregs() if insn.mem.segment else None
+            addr = effective_address(insn.mem, regs, next_rip,
+                                     lambda seg: getattr(sregs, seg).base if sregs is not None else 0)
+            view = self._view(vcpu)
+            fpu = vcpu.get_fpu()
+            if kind == "ldmxcsr":
+                value = struct.unpack("<I", view.read(addr, 4))[0]
+                self._mxcsr[vcpu.id] = value
+                fpu.mxcsr = value
+                vcpu.set_fpu(fpu)
+            else:
+                # KVM_GET_FPU reports mxcsr 0 on PVM; the last value loaded is the truth then.
+                value = fpu.mxcsr or self._mxcsr.get(vcpu.id, MXCSR_DEFAULT)
+                view.write(addr, struct.pack("<I", value))
+        elif kind == "clac":
+            regs.rflags &= ~RFLAGS_AC
+        elif kind == "stac":
+            regs.rflags |= RFLAGS_AC
+        regs.rip = next_rip
+        vcpu.set_regs(regs)
+        if kind == "int3":
+            # A trap: the #BP frame's RIP is the byte after int3, as on hardware.
+            ev = vcpu.get_vcpu_events()
+            ev.exception.injected = 1
+            ev.exception.nr = BP_VECTOR
+            ev.exception.has_error_code = 0
+            ev.exception.error_code = 0
+            ev.exception.pending = 0
+            ev.flags = 0
+            vcpu.set_vcpu_events(ev)
+        self._count(kind)
+        return True
+
+    # -- the system call path ----------------------------------------------------------
+    def on_kick(self, vcpu: Vcpu) -> None:
+        """Periodic check (the machine kicks vCPUs about once a second): re-arm if the IDT moved."""
+        try:
+            self.check_idt(vcpu)
+        except (KvmkitError, KvmError) as e:
+            log.debug("IDT check failed on vCPU %d: %s", vcpu.id, e)
+
+    def check_idt(self, vcpu: Vcpu) -> None:
+        """Watch the guest's #PF handler once system calls are possible (MSR_LSTAR set).
+
+        Linux sets LSTAR in syscall_init(), after trap_init() installed the
+        final exception handlers; before that there are no system calls, and
+        the early #PF handler (which builds page tables) runs untouched.
+        """
+        if vcpu.id in self._stepping:
+            return
+        if not vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR, 0):
+            return
+        sregs = vcpu.get_sregs()
+        if sregs.idt.limit < (PF_VECTOR + 1) * 16 - 1:
+            return
+        view = self._view(vcpu)
+        handler = read_idt_handler(view, sregs.idt.base, sregs.idt.limit, PF_VECTOR)
+        if handler is None or handler == self._handler.get(vcpu.id):
+            return
+        try:
+            self._skip[vcpu.id] = no_op_length(view.read(handler, 15))
+        except (KvmkitError, KvmError):
+            return
+        self._handler[vcpu.id] = handler
+        self._arm(vcpu)
+        self.counters.rearms += 1
+        log.info("vCPU %d: page-fault handler at %#x watched (IDT at %#x)", vcpu.id, handler, sregs.idt.base)
+
+    def _arm(self, vcpu: Vcpu) -> None:
+        handler = self._handler[vcpu.id]
+        assert handler is not None
+        vcpu.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_USE_HW_BP,
+                             [handler, 0, 0, 0, 0, 0, 0, DR7_FIXED | DR7_G0])
+
+    def on_debug(self, vcpu: Vcpu, reason: int) -> bool:
+        handler = self._handler.get(vcpu.id)
+        if vcpu.id in self._stepping:  # the single step over the handler's first instruction
+            self._stepping.discard(vcpu.id)
+            self._arm(vcpu)
+            return True
+        regs = vcpu.get_regs()
+        if handler is None or regs.rip != handler:
+            return True
+        self.counters.page_faults_seen += 1
+        sregs = vcpu.get_sregs()
+        msrs = vcpu.get_msrs([MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK])
+        lstar = msrs.get(MSR_LSTAR, 0)
+        if sregs.cr2 == lstar and lstar:
+            frame = ExceptionFrame.unpack(self._view(vcpu).read(regs.rsp, ExceptionFrame.SIZE))
+            if is_syscall_fault(frame, sregs.cr2, lstar):
+                st = syscall_entry_state(frame, regs.r11, msrs.get(MSR_STAR, 0), msrs.get(MSR_SYSCALL_MASK, 0), lstar)
+                regs.rip = st.rip
+                regs.rsp = st.rsp
+                regs.rflags = st.rflags
+                sregs.cs = _kernel_segment(st.cs, True)
+                sregs.ss = _kernel_segment(st.ss, False)
+                vcpu.set_sregs(sregs)
+                vcpu.set_regs(regs)
+                self.counters.syscalls += 1
+                return True
+        # An ordinary page fault: let the handler run. This KVM re-reports the
+        # breakpoint even with RFLAGS.RF set, so step over the first
+        # instruction: skip it when it does nothing (endbr64, a NOP), else
+        # single-step it with the breakpoint off.
+        skip = self._skip.get(vcpu.id, 0)
+        if skip:
+            regs.rip += skip
+            vcpu.set_regs(regs)
+        else:
+            self._stepping.add(vcpu.id)
+            vcpu.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_SINGLESTEP)
+        return True
+
+    def summary(self) -> str:
+        done = ", ".join(f"{k} {n}" for k, n in sorted(self.counters.completed.items())) or "none"
+        return (f"quirks nested-pvm: instructions completed: {done}; system calls restarted: {self.counters.syscalls}; "
+                f"page faults seen: {self.counters.page_faults_seen}")
+
+
+class NoQuirks:
+    """The ``none`` profile: a host with ordinary hardware virtualization."""
+
+    name = "none"
+
+    def cpuid_clear(self) -> dict[tuple[int, str], int]:
+        return {}
+
+    def install(self, runner: "VcpuRunner") -> None:
+        pass
+
+    def linux_cmdline(self, cmdline: str) -> str:
+        return compose_cmdline(cmdline, list(MACHINE_PARAMS))
+
+    def summary(self) -> str:
+        return ""
+
+
+def make_quirks(name: str | None, machine: "Machine") -> NestedPvmQuirks | NoQuirks:
+    profile = resolve_profile(name)
+    if profile == "nested-pvm":
+        return NestedPvmQuirks(machine)
+    return NoQuirks()
+
