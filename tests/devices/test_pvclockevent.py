@@ -281,6 +281,36 @@ def test_shared_race_guest_moves_earlier_while_host_publishes():
     assert host.armed == 4_000_000 or host.fired == 1
 
 
+def test_shared_deadline_stored_while_the_host_fires_is_not_lost():
+    """The guest stores D1 and reads the old ARMED (no doorbell) just as the host fires D0."""
+    dev, host, ram = make(shared=True)
+    guest_program(dev, ram, 2_000_000)
+    real_write = ram.write_u64
+    raced = []
+
+    def racing_write(gpa: int, value: int) -> None:
+        if gpa == 0x1000 + p.SHM_ARMED and value == p.NEVER and not raced:
+            raced.append(1)
+            # before the host's store lands: guest stores D1, sees ARMED == D0 < D1, does not ring
+            real_write(0x1000 + p.SHM_DEADLINE, 3_000_000)
+            assert ram.read_u64(0x1000 + p.SHM_ARMED) == 2_000_000
+        real_write(gpa, value)
+
+    ram.write_u64 = racing_write  # type: ignore[method-assign]
+    expire(dev, host)
+    assert raced and host.fired == 1
+    assert host.armed == 3_000_000  # the host went round and found D1
+    assert ram.read_u64(0x1000 + p.SHM_ARMED) == 3_000_000
+
+
+def test_resync_in_shared_mode_moves_the_timer():
+    dev, host, ram = make(shared=True, now=10_000_000)
+    guest_program(dev, ram, 12_000_000)
+    dev.io_write(p.REG_SYNC, 8, 9_000_000)
+    dev.io_write(p.REG_SYNC_END, 8, 9_000_000)
+    assert host.armed == 13_000_000 and host.fired == 0
+
+
 def test_shared_block_validation():
     host = FakeHost()
     ram = FakeRam(0x2000)

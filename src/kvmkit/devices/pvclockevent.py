@@ -311,7 +311,11 @@ class PvClockEvent:
         self.sync_error = (t2 - t1 + 1) // 2
         # A timer armed under the old delta is moved to the new one.
         if self._target is not None and self._guest_target < NEVER:
-            self._arm_guest(self._guest_target, programmed=False)
+            if self.control & CTRL_SHARED:
+                self._cancel()
+                self._evaluate_shared()
+            else:
+                self._arm_guest(self._guest_target, programmed=False)
 
     # --- arming -----------------------------------------------------------------
     def _cancel(self) -> None:
@@ -396,8 +400,12 @@ class PvClockEvent:
             on_time = expired and d == self._guest_target
             if expired and d > self._guest_target:
                 self.rearms_later += 1  # moved later with no exit: the host re-arms
-            self._arm_guest(d, programmed=not on_time)
-            return
+            if not self._arm_guest(d, programmed=not on_time):
+                return
+            # It fired (ARMED is NEVER again): go round once more, so a deadline
+            # the guest stored while we fired is not lost (it may have read the
+            # old ARMED and not rung).
+            expired = False
 
     def _shm_read(self, off: int) -> int | None:
         if self._shm_q is not None:

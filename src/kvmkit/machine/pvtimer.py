@@ -24,6 +24,7 @@ never uses this device keeps KVM's own default table.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import fcntl
 import logging
@@ -118,7 +119,10 @@ class VcpuTimer:
         self.model: pv.PvClockEvent | None = None
         self.expiries = 0   # timerfd wake-ups seen by the host thread
         self.bells = 0      # doorbell wake-ups seen by the host thread
-        self.lateness_ns: list[int] = []  # host wake-up minus armed time, per expiry
+        self.armed_at = 0
+        # Host thread wake-up minus the armed time, per timer wake-up (bounded):
+        # the latency this Python thread adds before the model even runs.
+        self.wake_late_ns: collections.deque[int] = collections.deque(maxlen=100_000)
 
     # --- PvClockHost --------------------------------------------------------
     now = staticmethod(time.monotonic_ns)
@@ -238,6 +242,7 @@ class PvTimer:
                 try:
                     if is_timer:
                         if vt.timer.read():
+                            vt.wake_late_ns.append(time.monotonic_ns() - vt.armed_at)
                             vt.expiries += 1
                             vt.model.timer_expired()  # type: ignore[union-attr]
                     else:
