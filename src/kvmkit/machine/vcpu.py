@@ -84,6 +84,9 @@ class VcpuRunner:
         self.stats = VcpuExitStats(vcpu.id)
         self.thread: threading.Thread | None = None
         self.exit_hooks: dict[int, list[ExitHook]] = {}
+        # Called on the vCPU thread each time a kick (a signal, not a stop)
+        # brings the vCPU out of KVM_RUN: the one moment its state can be read.
+        self.kick_hooks: list[Callable[[Vcpu], None]] = []
 
     def add_exit_hook(self, reason: int, hook: ExitHook) -> None:
         self.exit_hooks.setdefault(int(reason), []).append(hook)
@@ -147,6 +150,8 @@ class VcpuRunner:
                     run.immediate_exit = 0
                     if machine.stopping:
                         break
+                    for kick_hook in self.kick_hooks:
+                        kick_hook(vcpu)
                     continue
                 reason = mm[8]  # kvm_run.exit_reason: every reason KVM defines is < 256
                 exit_counts[reason] += 1
