@@ -96,3 +96,43 @@ def test_pvce_module_builds_against_stock_debian_headers(tmp_path: Path) -> None
     missing = [s for s in missing if s not in ("__fentry__", "__x86_return_thunk")
                and not s.startswith("__x86_indirect_thunk")]
     assert not missing, f"not exported by {version}: {missing}"
+
+
+_DEFINE_RE = re.compile(r"^#define\s+PVCE_(\w+)\s+(0x[0-9a-fA-F]+|\d+|\(1U?L*\s*<<\s*\d+\))", re.M)
+
+
+def c_constants(path: Path) -> dict[str, int]:
+    """PVCE_* #defines of a C file whose value is a number or (1 << n)."""
+    out = {}
+    for name, text in _DEFINE_RE.findall(path.read_text()):
+        m = re.fullmatch(r"\(1U?L*\s*<<\s*(\d+)\)", text)
+        out[name] = 1 << int(m.group(1)) if m else int(text, 0)
+    return out
+
+
+def abi_names() -> dict[str, int]:
+    """The same names in the Python model's spelling (docs/pv-clockevent.md)."""
+    from kvmkit.devices import pvclockevent as p
+
+    names = {f"{n}": getattr(p, f"REG_{n}") for n in ("ID", "VERSION", "FEATURES", "TSC_KHZ", "CONTROL", "DEADLINE",
+                                                       "STATUS", "SYNC", "SYNC_END", "SYNC_ERROR", "GUEST_NOW",
+                                                       "SHARED_GPA", "DOORBELL")}
+    names.update(WINDOW=p.WINDOW_SIZE, BASE=0xFEA00000, MAGIC=p.PVCE_MAGIC, MAJOR=p.PVCE_VERSION >> 16,
+                 NEVER=p.NEVER, FEAT_SHARED=p.FEAT_SHARED, CTRL_ENABLE=p.CTRL_ENABLE, CTRL_SHARED=p.CTRL_SHARED,
+                 CTRL_ROUTE_GSI=p.CTRL_ROUTE_GSI, CTRL_GSI_SHIFT=p.CTRL_GSI_SHIFT)
+    return names
+
+
+def test_guest_drivers_use_the_models_register_map() -> None:
+    from kvmkit.machine.pvtimer import PVCE_BASE
+
+    expected = abi_names()
+    assert expected["BASE"] == PVCE_BASE
+    for src in (MODULE_SRC / "pvce.c", REPO / "guest" / "timer.c"):
+        if not src.is_file():
+            continue
+        found = c_constants(src)
+        assert len(found) >= 8, f"{src}: no PVCE_* constants found"
+        for name, value in found.items():
+            if name in expected:
+                assert value == expected[name], f"{src.name}: PVCE_{name} = {value:#x}, the model says {expected[name]:#x}"
