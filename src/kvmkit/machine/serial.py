@@ -28,12 +28,15 @@ from ..devices.uart16550 import Uart16550
 from ..host.backends import Backend, UnixSocketBackend
 from ..host.loop import EventLoop, TimerHandle
 
-UART_LSR = 5
+UART_RBR = 0
 UART_THR = 0
+UART_LSR = 5
+LCR_DLAB = 0x80
 FIFO_SIZE = 16
 OUTPUT_LIMIT = 64 * 1024       # bytes kept for a stalled host end before THRE stays clear
 FLUSH_INTERVAL = 0.001         # seconds a partial TX burst may wait for more bytes
 CTI_DELAY = 0.0005             # seconds of RX silence before the character timeout
+RESUME_DELAY = 0.002           # seconds before input resumes for a guest that leaves bytes in the FIFO
 
 
 @dataclass
@@ -57,6 +60,9 @@ class SerialPort:
         self.lock = threading.RLock()
         self.uart = Uart16550(irq, fifo=fifo, on_tx=self._on_tx, on_rx_space=self._on_rx_space)
         self.fifo_size = FIFO_SIZE if fifo else 1
+        # The FIFO-less variant stands for the old kvm tool's UART, which
+        # wrote every character to the terminal: no write coalescing there.
+        self.flush_interval = FLUSH_INTERVAL if fifo else 0.0
         self.output_limit = output_limit
         self.outbuf = bytearray()
         self.counters = SerialCounters()
@@ -67,6 +73,9 @@ class SerialPort:
         self._eof = False
         self._cti: TimerHandle | None = None
         self._always_ready = False
+        self._input_paused = False
+        self._last_thr = 0.0
+        self._last_write = 0.0
         self._closed = False
         # --serial-pace: one character leaves per character time at the
         # programmed line speed; _line_free is when the transmitter is idle.
@@ -86,6 +95,11 @@ class SerialPort:
                     self._drain_locked()
                 byte = self.uart.read(reg) if 0 <= reg < 8 else 0xFF
                 value |= (byte & 0xFF) << (8 * i)
+                if reg == UART_RBR and self._input_paused and not self.uart.lcr & LCR_DLAB and self.uart.rx_level() == 0:
+                    # The guest emptied the RX FIFO: refill it in one read
+                    # rather than a byte at a time as slots free up.
+                    self._input_paused = False
+                    self.loop.call_soon(self._resume_input)
         return value
 
     def io_write(self, offset: int, size: int, value: int) -> None:
@@ -94,7 +108,10 @@ class SerialPort:
                 reg = offset + i
                 if 0 <= reg < 8:
                     self.uart.write(reg, (value >> (8 * i)) & 0xFF)
-            if self.uart.tx_pending() >= self.fifo_size and not self._drain_soon:
+            if offset == UART_THR:
+                self._last_thr = time.monotonic()
+            fifo_size = self.fifo_size if self.uart.fifo_enabled else 1
+            if self.uart.tx_pending() >= fifo_size and not self._drain_soon:
                 self._drain_soon = True
                 self.loop.call_soon(self._drain_from_loop)
 
@@ -105,8 +122,11 @@ class SerialPort:
             self.loop.call_soon_later(FLUSH_INTERVAL, self._flush_timer)
 
     def _on_rx_space(self) -> None:
+        # A guest that drains the FIFO completely resumes input from io_read;
+        # this covers one that stops part way, a little later so that the
+        # host reads a batch rather than the one byte that just freed.
         if not self._reading and not self._closed:
-            self.loop.call_soon(self._resume_input)
+            self.loop.call_soon_later(RESUME_DELAY, self._resume_input)
 
     # --- host side (loop thread) ----------------------------------------------
     def start(self) -> None:
@@ -169,7 +189,13 @@ class SerialPort:
             self.outbuf += data
             if not self._writing:
                 self._writing = True
-                self.loop.call_soon(self._flush_output)
+                # At most one host write per flush interval while output
+                # streams; the first write after a quiet spell goes at once.
+                delay = self._last_write + self.flush_interval - time.monotonic()
+                if delay <= 0:
+                    self.loop.call_soon(self._flush_output)
+                else:
+                    self.loop.call_soon_later(delay, self._flush_output)
         return len(data)
 
     def _drain_from_loop(self) -> None:
@@ -180,6 +206,15 @@ class SerialPort:
     def _flush_timer(self) -> None:
         with self.lock:
             self._drain_timer = False
+            if not self.uart.tx_pending():
+                return
+            quiet = time.monotonic() - self._last_thr
+            if quiet < FLUSH_INTERVAL / 2:
+                # The guest is still filling the FIFO: a full burst will come
+                # (and be drained at once), so don't cut it in two.
+                self._drain_timer = True
+                self.loop.call_later(FLUSH_INTERVAL - quiet, self._flush_timer)
+                return
             self._drain_locked()
 
     def _flush_output(self) -> None:
@@ -193,6 +228,7 @@ class SerialPort:
         if n > 0:
             self.counters.host_writes += 1
             self.counters.host_bytes_out += n
+            self._last_write = time.monotonic()
         with self.lock:
             del self.outbuf[:n]
             remaining = len(self.outbuf)
@@ -211,7 +247,11 @@ class SerialPort:
             if fd is not None:
                 self.loop.remove_writer(fd)
             with self.lock:
+                # Bytes a vCPU drained since we looked saw _writing set and
+                # left the flush to us: schedule it rather than strand them.
                 self._writing = bool(self.outbuf)
+                if self._writing:
+                    self.loop.call_soon(self._flush_output)
 
     def _on_writable(self) -> None:
         self._flush_output()
@@ -220,6 +260,7 @@ class SerialPort:
         fd = self.backend.input_fd
         if fd is None or self._eof or self._closed:
             return
+        self._input_paused = False
         if not self._reading:
             self._reading = True
             if self._always_ready:
@@ -237,6 +278,7 @@ class SerialPort:
         fd = self.backend.input_fd
         if self._reading:
             self._reading = False
+            self._input_paused = True
             self.counters.input_pauses += 1
             if fd is not None and not self._always_ready:
                 self.loop.remove_reader(fd)
