@@ -484,7 +484,7 @@ class NestedPvmQuirks:
         self._handler: dict[int, int | None] = {}  # vCPU id -> armed #PF handler address
         self._idt: dict[int, tuple[int, int]] = {}
         self._mxcsr: dict[int, int] = {}
-        self._skip: dict[int, int] = {}  # vCPU id -> length of a no-op first instruction of the handler
+        self._handler_gpa: dict[int, int] = {}  # vCPU id -> physical address of the watched handler
         self._stepping: set[int] = set()
         self.tsc_khz: int | None = None
 
@@ -604,9 +604,14 @@ class NestedPvmQuirks:
         if handler is None or handler == self._handler.get(vcpu.id):
             return
         try:
-            self._skip[vcpu.id] = no_op_length(view.read(handler, 15))
-        except (KvmkitError, KvmError):
+            tr = vcpu.translate(handler)
+        except KvmError:
             return
+        if not tr.valid:
+            return
+        # Kernel text does not move, but it is patched (alternatives turn
+        # NOPs into other NOPs), so the first instruction is re-read at each hit.
+        self._handler_gpa[vcpu.id] = tr.physical_address
         self._handler[vcpu.id] = handler
         self._arm(vcpu)
         self.counters.rearms += 1
@@ -648,7 +653,8 @@ class NestedPvmQuirks:
         # breakpoint even with RFLAGS.RF set, so step over the first
         # instruction: skip it when it does nothing (endbr64, a NOP), else
         # single-step it with the breakpoint off.
-        skip = self._skip.get(vcpu.id, 0)
+        gpa = self._handler_gpa.get(vcpu.id)
+        skip = no_op_length(self.machine.read_guest_safe(gpa, 15)) if gpa is not None else 0
         if skip:
             regs.rip += skip
             vcpu.set_regs(regs)
