@@ -259,6 +259,8 @@ static int cmd_shell(int argc, char **argv)
 	return 0;	/* handled by the script runner */
 }
 
+int cmd_timer_bench(int argc, char **argv);	/* timer.c */
+
 const struct command commands[] = {
 	{ "help", "list commands", cmd_help },
 	{ "echo", "<words>: print the words", cmd_echo },
@@ -277,6 +279,7 @@ const struct command commands[] = {
 	{ "user-test", "write from CPL3 through int $0x80", cmd_user_test },
 	{ "ud2", "raise #UD and catch it (IDT test)", cmd_ud2 },
 	{ "serial-selftest", "<port 2-4> tx|rx <bytes>: 8250 driver xorshift32 stream test", cmd_serial_selftest },
+	{ "timer-bench", "[all|tmict|tsc-deadline|pv|pv-reg|pv-later] [n] [delta_us]: timer cycles", cmd_timer_bench },
 	{ "shell", "(last in a script) stay in the shell", cmd_shell },
 	{ NULL, NULL, NULL },
 };
