@@ -21,7 +21,8 @@ boot, calibration and printing cancel out. Per cycle it reports:
 
 Modes: tmict, tsc-deadline, pv (shared block + in-kernel doorbell), pv-reg
 (one trapping DEADLINE write per program), pv-later (each cycle programs a
-deadline, then moves it later: two programs, at most one doorbell).
+deadline, then moves it later: two programs, at most one doorbell), pv-gsi
+(as pv-reg, delivered as an edge on IOAPIC pin 10 as the Linux module does).
 Rounds alternate the modes so host noise falls on all of them.
 
     python3 benchmarks/timer.py [--cycles N] [--delta-us D] [--rounds R] [--json FILE]
@@ -43,7 +44,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import kvmkit  # noqa: E402
 
-MODES = ["tmict", "tsc-deadline", "pv", "pv-reg", "pv-later"]
+MODES = ["tmict", "tsc-deadline", "pv", "pv-reg", "pv-later", "pv-gsi"]
 MODE_INDEX = {m: i + 1 for i, m in enumerate(MODES)}  # guest/timer.c's enum
 MARK_PORT = 0x510
 KSTATS = ("exits", "mmio_exits", "io_exits", "halt_exits", "irq_injections", "insn_emulation", "halt_wakeup")

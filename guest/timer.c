@@ -30,6 +30,8 @@
 
 #define TIMER_VECTOR	(IRQ_BASE + 8)	/* LAPIC timer (one-shot and TSC deadline) */
 #define PV_VECTOR	(IRQ_BASE + 9)	/* PV clock event device, MSI */
+#define PV_GSI		10		/* pv-gsi: IOAPIC pin 10 -> vector IRQ_BASE + 10 */
+#define IOAPIC_BASE	0xfec00000UL
 #define TIMER_MARK_PORT	0x510
 
 /* PV clock event device, vCPU 0's window (docs/pv-clockevent.md) */
@@ -50,6 +52,8 @@
 #define PVCE_FEAT_SHARED (1U << 2)
 #define PVCE_CTRL_ENABLE (1U << 0)
 #define PVCE_CTRL_SHARED (1U << 2)
+#define PVCE_CTRL_ROUTE_GSI (1U << 3)
+#define PVCE_CTRL_GSI_SHIFT 16
 #define PVCE_NEVER	(1UL << 63)
 
 struct pvce_shared {
@@ -61,8 +65,8 @@ struct pvce_shared {
 
 static struct pvce_shared pv_shm;
 
-enum { M_TMICT = 1, M_TSCDL, M_PV, M_PVREG, M_PVLATER };
-static const char *const mode_names[] = { "", "tmict", "tsc-deadline", "pv", "pv-reg", "pv-later" };
+enum { M_TMICT = 1, M_TSCDL, M_PV, M_PVREG, M_PVLATER, M_PVGSI };
+static const char *const mode_names[] = { "", "tmict", "tsc-deadline", "pv", "pv-reg", "pv-later", "pv-gsi" };
 
 static u64 tsc_khz;		/* from the PV device, else calibrated against the LAPIC timer */
 static u64 ns_mult;		/* ns = tsc * ns_mult >> 32 */
@@ -83,6 +87,12 @@ static inline u32 cpuid_ecx(u32 leaf)
 static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
 static inline u64 tsc_to_ns(u64 tsc) { return (u64)(((unsigned __int128)tsc * ns_mult) >> 32); }
 static inline u64 now_ns(void) { return tsc_to_ns(rdtsc()); }
+
+static void ioapic_write(u32 reg, u32 v)
+{
+	mmio_write32(IOAPIC_BASE, reg);		/* IOREGSEL */
+	mmio_write32(IOAPIC_BASE + 0x10, v);	/* IOWIN */
+}
 
 static int pv_present(void)
 {
@@ -177,6 +187,14 @@ static int timer_setup(int mode)
 		mmio_write32(LAPIC_BASE + LAPIC_LVT_TIMER, LVT_TSC_DEADLINE | TIMER_VECTOR);
 		mfence();
 		return 0;
+	case M_PVGSI:
+		/* what the Linux module does: an edge on an ISA line (IOAPIC pin) */
+		if (!pv_present())
+			return -1;
+		ioapic_write(0x10 + 2 * PV_GSI + 1, lapic_id() << 24);
+		ioapic_write(0x10 + 2 * PV_GSI, IRQ_BASE + PV_GSI);	/* fixed, edge, unmasked */
+		ctrl = PVCE_CTRL_ENABLE | PVCE_CTRL_ROUTE_GSI | ((u32)PV_GSI << PVCE_CTRL_GSI_SHIFT);
+		/* fall through */
 	case M_PVREG:
 		if (!pv_present())
 			return -1;
@@ -199,6 +217,8 @@ static void timer_teardown(int mode)
 		mmio_write32(LAPIC_BASE + LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
 	else
 		mmio_write32(PVCE_BASE + PVCE_CONTROL, 0);
+	if (mode == M_PVGSI)
+		ioapic_write(0x10 + 2 * PV_GSI, 1U << 16 | (IRQ_BASE + PV_GSI));	/* masked */
 }
 
 /* One mode: N cycles, lateness into late_hist. Returns TSC cycles in the loop. */
@@ -206,7 +226,7 @@ static u64 timer_run(int mode, u64 n, u64 delta_ns, u64 *wakeups)
 {
 	u64 delta_tsc = delta_ns * tsc_khz / 1000000;
 	u64 ticks = delta_ns * apic_per_ms / 1000000;
-	u64 irq = mode >= M_PV ? 9 : 8;
+	u64 irq = mode == M_PVGSI ? PV_GSI : mode >= M_PV ? 9 : 8;
 	u64 i, start, due, woke, before, late, hlts = 0;
 
 	memset(late_hist, 0, sizeof(late_hist));
@@ -225,6 +245,7 @@ static u64 timer_run(int mode, u64 n, u64 delta_ns, u64 *wakeups)
 			wrmsr(MSR_TSC_DEADLINE, due);
 			break;
 		case M_PVREG:
+		case M_PVGSI:
 			mmio_write64(PVCE_BASE + PVCE_DEADLINE, tsc_to_ns(due));
 			break;
 		case M_PVLATER: {
@@ -273,7 +294,7 @@ static u64 timer_run(int mode, u64 n, u64 delta_ns, u64 *wakeups)
 	return woke;
 }
 
-/* timer-bench [all|tmict|tsc-deadline|pv|pv-reg|pv-later] [cycles] [delta_us] */
+/* timer-bench [all|tmict|tsc-deadline|pv|pv-reg|pv-later|pv-gsi] [cycles] [delta_us] */
 int cmd_timer_bench(int argc, char **argv)
 {
 	const char *which = argc > 1 ? argv[1] : "all";
@@ -283,7 +304,7 @@ int cmd_timer_bench(int argc, char **argv)
 
 	if ((argc > 2 && parse_u64(argv[2], &n)) || (argc > 3 && parse_u64(argv[3], &delta_us)) ||
 	    delta_us == 0 || delta_us > 1000000) {
-		printf("usage: timer-bench [all|tmict|tsc-deadline|pv|pv-reg|pv-later] [cycles] [delta_us]\n");
+		printf("usage: timer-bench [all|tmict|tsc-deadline|pv|pv-reg|pv-later|pv-gsi] [cycles] [delta_us]\n");
 		return 2;
 	}
 	if (timer_calibrate())
@@ -297,7 +318,7 @@ int cmd_timer_bench(int argc, char **argv)
 		printf("timer-bench: pv clock sync: handshake +-%lu ns, measured offset error %ld ns (+-%lu ns)\n",
 		       bound, err, wakeups);
 	}
-	for (mode = M_TMICT; mode <= M_PVLATER; mode++) {
+	for (mode = M_TMICT; mode <= M_PVGSI; mode++) {
 		if (strcmp(which, "all") && strcmp(which, mode_names[mode]))
 			continue;
 		if (mode == M_PVLATER && delta_us < 100) {
