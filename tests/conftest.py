@@ -65,3 +65,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _skipped_kvm and _in_ci():
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def stock_bzimage():
+    """Debian 12's stock kernel, fetched with apt once per cache (~/.cache/kvmkit/kernels)."""
+    from kvmkit.boot import fetch
+    from kvmkit.errors import BootError
+    try:
+        return fetch.stock_kernel()
+    except BootError as exc:
+        pytest.skip(f"the stock Debian kernel could not be fetched: {exc}")

@@ -16,18 +16,7 @@ from typing import Callable
 
 import pytest
 
-from kvmkit.boot import fetch
 from kvmkit.boot.bzimage import open_bzimage, BzImage
-from kvmkit.errors import BootError
-
-
-@pytest.fixture(scope="session")
-def stock_bzimage() -> Path:
-    """Path of Debian 12's stock kernel, fetched with apt once per cache."""
-    try:
-        return fetch.stock_kernel()
-    except BootError as exc:
-        pytest.skip(f"the stock Debian kernel could not be fetched: {exc}")
 
 
 @pytest.fixture(scope="session")

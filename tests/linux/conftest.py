@@ -6,18 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmkit.boot import fetch
 from kvmkit.boot.initramfs import busybox_initramfs
 from kvmkit.errors import BootError
-
-
-@pytest.fixture(scope="session")
-def stock_bzimage() -> Path:
-    """Path of Debian 12's stock kernel, fetched with apt once per cache."""
-    try:
-        return fetch.stock_kernel()
-    except BootError as exc:
-        pytest.skip(f"the stock Debian kernel could not be fetched: {exc}")
 
 
 @pytest.fixture(scope="session")

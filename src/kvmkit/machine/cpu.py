@@ -51,7 +51,8 @@ class LongModeEntry:
     efer: int = EFER_LME | EFER_LMA
 
 
-def _segment(selector: int, code: bool) -> s.kvm_segment:
+def flat_segment(selector: int, code: bool) -> s.kvm_segment:
+    """A flat 4 GiB ring-0 segment: 64-bit code, or read/write data."""
     seg = s.kvm_segment()
     seg.base = 0
     seg.limit = 0xFFFFFFFF
@@ -73,8 +74,8 @@ def _segment(selector: int, code: bool) -> s.kvm_segment:
 def set_long_mode(vcpu: Vcpu, entry: LongModeEntry) -> None:
     """Put a vCPU at a 64-bit entry point with the given tables already in guest RAM."""
     sregs = vcpu.get_sregs()
-    sregs.cs = _segment(entry.code_selector, True)
-    data = _segment(entry.data_selector, False)
+    sregs.cs = flat_segment(entry.code_selector, True)
+    data = flat_segment(entry.data_selector, False)
     sregs.ds = data
     sregs.es = data
     sregs.fs = data

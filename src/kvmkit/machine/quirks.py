@@ -34,7 +34,7 @@ from ..errors import KvmkitError
 from ..kvm import constants as c
 from ..kvm import structs as s
 from ..kvm.system import KvmError, Vcpu
-from .cpu import CPUID1_ECX_CX16
+from .cpu import CPUID1_ECX_CX16, flat_segment
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -398,25 +398,6 @@ def syscall_entry_state(frame: ExceptionFrame, r11: int, star: int, fmask: int, 
     return SyscallEntry(rip=lstar, rsp=frame.rsp, rflags=rflags & 0xFFFF_FFFF_FFFF_FFFF, cs=kcs, ss=kcs + 8)
 
 
-def _kernel_segment(selector: int, code: bool) -> s.kvm_segment:
-    seg = s.kvm_segment()
-    seg.base = 0
-    seg.limit = 0xFFFF_FFFF
-    seg.selector = selector
-    seg.present = 1
-    seg.dpl = 0
-    seg.s = 1
-    seg.g = 1
-    if code:
-        seg.type = 0xB
-        seg.l = 1
-        seg.db = 0
-    else:
-        seg.type = 0x3
-        seg.db = 1
-    return seg
-
-
 class GuestView:
     """Guest virtual memory through KVM_TRANSLATE and the machine's RAM, page by page."""
 
@@ -643,8 +624,8 @@ class NestedPvmQuirks:
                 regs.rip = st.rip
                 regs.rsp = st.rsp
                 regs.rflags = st.rflags
-                sregs.cs = _kernel_segment(st.cs, True)
-                sregs.ss = _kernel_segment(st.ss, False)
+                sregs.cs = flat_segment(st.cs, True)
+                sregs.ss = flat_segment(st.ss, False)
                 vcpu.set_sregs(sregs)
                 vcpu.set_regs(regs)
                 self.counters.syscalls += 1
