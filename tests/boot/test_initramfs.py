@@ -104,6 +104,18 @@ def test_busybox_initramfs_script() -> None:
     assert "uname -r\npoweroff -f\n" in init.data.decode()
 
 
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed")
+def test_busybox_initramfs_extra_entries() -> None:
+    extra = [directory("lib/modules"), file("lib/modules/pvce.ko", b"\x7fELF module", 0o644), file("timer_check", b"prog", 0o755)]
+    entries = read_cpio(busybox_initramfs(BUSYBOX, extra=extra))
+    names = [e.name for e in entries]
+    assert names.index("init") < names.index("lib/modules") < names.index("lib/modules/pvce.ko")
+    by_name = {e.name: e for e in entries}
+    assert by_name["lib/modules/pvce.ko"].data == b"\x7fELF module" and by_name["lib/modules/pvce.ko"].is_file
+    assert by_name["timer_check"].mode & 0o111 and by_name["lib/modules"].is_dir
+    assert "bin/busybox" in by_name  # the base layout is unchanged
+
+
 def test_busybox_missing(tmp_path: Path) -> None:
     with pytest.raises(BootError, match="busybox-static"):
         busybox_initramfs(tmp_path / "nope")

@@ -190,11 +190,15 @@ def init_script(script: str | None = None) -> str:
     )
 
 
-def busybox_initramfs(busybox: Path | None = None, script: str | None = None, compress: bool = False) -> bytes:
+def busybox_initramfs(busybox: Path | None = None, script: str | None = None, compress: bool = False,
+                      extra: list[CpioEntry] | None = None) -> bytes:
     """A minimal system from a static busybox: /bin/busybox, applet links, /dev/console and /init.
 
     The binary must be static (Debian's busybox-static), since the archive
     carries no libc; ``script`` replaces the interactive shell, for tests.
+    ``extra`` entries (a module, a test program) are appended after /init;
+    a directory they live in must come before them in ``extra`` unless the
+    base layout already has it.
     """
     if busybox is None:
         busybox = next((p for p in (Path("/bin/busybox"), Path("/usr/bin/busybox")) if p.exists()), Path("/bin/busybox"))
@@ -213,4 +217,5 @@ def busybox_initramfs(busybox: Path | None = None, script: str | None = None, co
     entries.append(file("bin/busybox", binary, 0o755))
     entries += [symlink(f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS]
     entries.append(file("init", init_script(script).encode(), 0o755))
+    entries += extra or []
     return write_cpio(entries, compress)
