@@ -139,9 +139,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_initramfs(args: argparse.Namespace) -> int:
     from ..boot import initramfs as ir
     if args.directory:
-        data = ir.from_directory(Path(args.directory), compress=args.gzip) if hasattr(ir, "from_directory") else ir.build_from_directory(Path(args.directory), compress=args.gzip)
+        data = ir.cpio_from_directory(Path(args.directory), compress=args.gzip)
     else:
-        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip) if args.busybox else ir.busybox_initramfs(compress=args.gzip)
+        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip)
     Path(args.output).write_bytes(data)
     print(f"kvmkit: wrote {len(data)} bytes to {args.output}", file=sys.stderr)
     return 0
