@@ -39,3 +39,18 @@ def test_inspect_the_bundled_guest():
     info = json.loads(p.stdout)
     assert info["format"] in ("elf", "ELF")
     assert info["entry"] >= 0x100000
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(os.geteuid() != 0, reason="recording KVM tracepoints needs root")
+def test_trace_record_then_report(tmp_path: Path):
+    out = tmp_path / "vm.trace"
+    p = kvmkit("trace", "record", "-o", str(out), "--", "run", "pio-loop", "50")
+    assert p.returncode == 0, p.stderr
+    r = kvmkit("trace", "report", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["activity"]["accesses"]["pio"]["write 0x80"] == 50

@@ -152,19 +152,14 @@ def cmd_trace(args: argparse.Namespace, rest: list[str]) -> int:
     if args.trace_cmd == "report":
         return trace_cli.report_main(rest)
     # record: everything after "--" is a `kvmkit run` command line
-    if "--" in rest:
-        i = rest.index("--")
-        opts, run_argv = rest[:i], rest[i + 1:]
-    else:
-        opts, run_argv = rest, []
-    rp = argparse.ArgumentParser(prog="kvmkit trace record")
-    rp.add_argument("-o", "--output", default="kvmkit.trace")
-    ropts = rp.parse_args(opts)
+    output, run_argv = trace_cli.parse_record_args(rest)
+    if run_argv[:1] == ["run"]:
+        run_argv = run_argv[1:]
     run_parser = argparse.ArgumentParser(prog="kvmkit run")
     add_run_arguments(run_parser)
     run_args = run_parser.parse_args(run_argv)
-    status = trace_cli.record(lambda: cmd_run(run_args), Path(ropts.output))
-    print(f"kvmkit: trace saved to {ropts.output}; read it with: kvmkit trace report {ropts.output}", file=sys.stderr)
+    status = trace_cli.record(lambda: cmd_run(run_args), output)
+    print(f"kvmkit: trace saved to {output}; read it with: kvmkit trace report {output}", file=sys.stderr)
     return status
 
 
