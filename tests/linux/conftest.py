@@ -20,3 +20,21 @@ def busybox_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("initrd") / "initrd.img"
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(scope="session")
+def pvce_ko(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """guest/linux/pvce.ko built against the stock kernel's Debian headers (tests/guest/test_linux_module_build.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
+    from test_linux_module_build import MODULE_SRC, _stock_version, kernel_headers
+
+    kdir = kernel_headers(_stock_version())
+    build = tmp_path_factory.mktemp("pvce") / "pvce"
+    shutil.copytree(MODULE_SRC, build)
+    out = subprocess.run(["make", f"KDIR={kdir}"], cwd=build, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return build / "pvce.ko"

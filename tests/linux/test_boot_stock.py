@@ -19,90 +19,25 @@ kept in the test report: `pytest -s tests/linux` shows them.
 from __future__ import annotations
 
 import os
-import pty
 import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from _boot import start_kvmkit
 
 from kvmkit.boot.initramfs import INIT_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 SHELL_PROMPT_LIMIT = 200.0  # seconds from start to the shell prompt, on this project's nested-PVM machines
-APPEND = "console=ttyS0 earlyprintk=serial,ttyS0,115200"
-MEM = "128M"
-
-
-class Milestones:
-    """Collects everything read from the console and timestamps the first match of each pattern."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.t0 = time.monotonic()
-        self.buf = bytearray()
-        self.pos = 0
-        self.times: dict[str, float] = {}
-        self.cond = threading.Condition()
-        self.eof = False
-        self.thread = threading.Thread(target=self._reader, daemon=True)
-        self.thread.start()
-
-    def _reader(self) -> None:
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except OSError:
-                data = b""
-            with self.cond:
-                if not data:
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.buf += data
-                self.cond.notify_all()
-
-    def wait(self, name: str, pattern: str | re.Pattern[bytes], timeout: float) -> float:
-        """Wait for ``pattern`` after the previous match; record and return the host time."""
-        rx = re.compile(re.escape(pattern.encode())) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                m = rx.search(self.buf, self.pos)
-                if m:
-                    self.pos = m.end()
-                    t = time.monotonic() - self.t0
-                    self.times[name] = t
-                    print(f"milestone {t:7.1f} s  {name}", file=sys.stderr, flush=True)
-                    return t
-                left = deadline - time.monotonic()
-                if left <= 0 or self.eof:
-                    tail = self.buf[-3000:].decode("utf-8", "replace")
-                    raise AssertionError(f"{name}: {pattern!r} not seen within {timeout} s "
-                                         f"(at {time.monotonic() - self.t0:.0f} s); console tail:\n{tail}")
-                self.cond.wait(min(left, 1.0))
-
-    @property
-    def text(self) -> str:
-        with self.cond:
-            return self.buf.decode("utf-8", "replace")
 
 
 def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox_initrd: Path,
                                                       record_property: Callable[[str, object], None]) -> None:
-    master, slave = pty.openpty()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    argv = [sys.executable, "-m", "kvmkit", "run", "--kernel", str(stock_bzimage), "--initrd", str(busybox_initrd),
-            "--append", APPEND, "--mem", MEM, "--stats"]
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    os.close(slave)
-    ms = Milestones(master)
+    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd)
     try:
         ms.wait("banner", "Linux version 6.1", 120)
         ms.wait("console enabled", "console [ttyS0] enabled", 300)

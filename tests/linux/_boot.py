@@ -1,0 +1,104 @@
+"""Shared by the stock-kernel boot tests: the command line, and a console reader on a pseudo terminal.
+
+``Milestones`` timestamps the first match of each pattern on the console;
+``start_kvmkit`` runs `kvmkit run --kernel ... --initrd ...` on a pty as a
+user would (the nested-PVM quirks come from kvmkit's `auto` profile, as in
+tests/linux/test_boot_stock.py); ``Milestones.run`` types one shell command
+and returns its output.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+APPEND = "console=ttyS0 earlyprintk=serial,ttyS0,115200"
+MEM = "128M"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Milestones:
+    """Collects everything read from the console and timestamps the first match of each pattern."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.t0 = time.monotonic()
+        self.buf = bytearray()
+        self.pos = 0
+        self.times: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self.eof = False
+        self.thread = threading.Thread(target=self._reader, daemon=True)
+        self.thread.start()
+        self._n = 0
+
+    def _reader(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                data = b""
+            with self.cond:
+                if not data:
+                    self.eof = True
+                    self.cond.notify_all()
+                    return
+                self.buf += data
+                self.cond.notify_all()
+
+    def wait(self, name: str, pattern: str | re.Pattern[bytes], timeout: float) -> float:
+        """Wait for ``pattern`` after the previous match; record and return the host time."""
+        rx = re.compile(re.escape(pattern.encode())) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                m = rx.search(self.buf, self.pos)
+                if m:
+                    self.pos = m.end()
+                    t = time.monotonic() - self.t0
+                    self.times[name] = t
+                    print(f"milestone {t:7.1f} s  {name}", file=sys.stderr, flush=True)
+                    return t
+                left = deadline - time.monotonic()
+                if left <= 0 or self.eof:
+                    tail = self.buf[-3000:].decode("utf-8", "replace")
+                    raise AssertionError(f"{name}: {pattern!r} not seen within {timeout} s "
+                                         f"(at {time.monotonic() - self.t0:.0f} s); console tail:\n{tail}")
+                self.cond.wait(min(left, 1.0))
+
+    def run(self, command: str, timeout: float = 60, name: str | None = None) -> str:
+        """Type ``command`` into the shell; return what it printed (up to an end marker it echoes)."""
+        self._n += 1
+        with self.cond:
+            start = self.pos
+        # The terminal echoes the typed line with "$((n + 0))" unexpanded, so only
+        # the shell's own output matches the marker.
+        os.write(self.fd, f"{command}; echo @@end-$(({self._n} + 0))@@\r".encode())
+        self.wait(name or command, f"@@end-{self._n}@@", timeout)
+        with self.cond:
+            out = self.buf[start:self.pos].decode("utf-8", "replace")
+        # Drop the echoed command line and the marker.
+        out = out.split("\n", 1)[1] if "\n" in out else ""
+        return out.rsplit(f"@@end-{self._n}@@", 1)[0].replace("\r", "")
+
+    @property
+    def text(self) -> str:
+        with self.cond:
+            return self.buf.decode("utf-8", "replace")
+
+
+def start_kvmkit(kernel: Path, initrd: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, Milestones]:
+    """`kvmkit run` with the stock command line on a new pty: (process, pty master fd, console reader)."""
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    argv = [sys.executable, "-m", "kvmkit", "run", "--kernel", str(kernel), "--initrd", str(initrd),
+            "--append", APPEND, "--mem", MEM, "--stats", *extra]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    os.close(slave)
+    return proc, master, Milestones(master)
