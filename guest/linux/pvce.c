@@ -15,7 +15,18 @@
  *
  * The host runs its timer on its own CLOCK_MONOTONIC and needs the offset
  * between the two clocks: the driver measures it with the SYNC/SYNC_END
- * handshake at start-up and every resync_ms milliseconds after that.
+ * handshake at start-up and again from its interrupt, on its own CPU, once
+ * resync_ms milliseconds have passed or when an interrupt came before the
+ * deadline.
+ *
+ * The device assumes the guest clock runs at the host's rate (kvmclock).
+ * When it does not (a guest on the TSC with a deliberately wrong tsc_khz, as
+ * kvmkit's nested-PVM quirks set it), the driver measures the rate: the
+ * host's view of the guest clock (GUEST_NOW, host time minus the offset)
+ * against ktime between two handshakes, and programs
+ * anchor + (expires - anchor) * rate, anchor being the last handshake's
+ * midpoint, where the host and guest clocks agree. With equal rates the
+ * deadline is passed through unchanged.
  *
  * Interrupts arrive on an ISA IRQ line (irq_base + cpu), edge triggered,
  * with the line's affinity pinned to its CPU: a loadable module cannot claim
@@ -34,8 +45,8 @@
 #include <linux/percpu.h>
 #include <linux/gfp.h>
 #include <linux/mm.h>
+#include <linux/math64.h>
 #include <linux/timekeeping.h>
-#include <linux/workqueue.h>
 
 /* Register map: offsets in each CPU's 4 KiB window. */
 #define PVCE_ID			0x00	/* u32 RO */
@@ -47,6 +58,7 @@
 #define PVCE_SYNC		0x28	/* u64 WO */
 #define PVCE_SYNC_END		0x30	/* u64 WO */
 #define PVCE_SYNC_ERROR		0x38	/* u64 RO */
+#define PVCE_GUEST_NOW		0x40	/* u64 RO */
 #define PVCE_SHARED_GPA		0x48	/* u64 RW */
 #define PVCE_DOORBELL		0x50	/* u32 WO */
 #define PVCE_WINDOW		0x1000
@@ -81,7 +93,7 @@ module_param(shared, bool, 0444);
 MODULE_PARM_DESC(shared, "program deadlines through the shared block (no exit when a deadline moves later)");
 static unsigned int resync_ms = 1000;
 module_param(resync_ms, uint, 0444);
-MODULE_PARM_DESC(resync_ms, "period of the clock offset handshake in ms (0: only at start-up)");
+MODULE_PARM_DESC(resync_ms, "period of the clock offset handshake in ms (0: only at start-up and on an early interrupt)");
 static int rating = 450;	/* the local APIC timer's is 100 */
 module_param(rating, int, 0444);
 
@@ -90,6 +102,9 @@ struct pvce_cpu {
 	void __iomem *regs;
 	struct pvce_shared *shm;
 	u32 control;
+	u64 anchor;		/* guest ns of the last handshake's midpoint */
+	u64 rate;		/* host ns per guest ns, 32.32 fixed point */
+	u64 expires;		/* the last deadline the core asked for */
 	int irq;
 	bool online;
 	char name[16];
@@ -98,48 +113,66 @@ struct pvce_cpu {
 static DEFINE_PER_CPU(struct pvce_cpu, pvce_cpus);
 static enum cpuhp_state pvce_hp_state;
 static bool use_shared;
-static void pvce_resync(struct work_struct *work);
-static DECLARE_DELAYED_WORK(pvce_resync_work, pvce_resync);
+
+#define PVCE_RATE_ONE		(1ULL << 32)
+#define PVCE_RATE_MIN_NS	(2 * NSEC_PER_MSEC)	/* shortest baseline for a rate estimate */
 
 static struct pvce_cpu *to_pvce(struct clock_event_device *ced)
 {
 	return container_of(ced, struct pvce_cpu, ced);
 }
 
-/* One handshake: bracket a trapping write between two clock readings. */
+/*
+ * One handshake: bracket a trapping write between two clock readings. Before
+ * it, GUEST_NOW (host time minus the old offset) has advanced by the host
+ * time since the last handshake; against ktime's advance that gives the rate.
+ * Runs on pc's CPU (hotplug callback, interrupt).
+ */
 static void pvce_sync(struct pvce_cpu *pc)
 {
-	u64 t1, t2;
+	u64 t1, t2, g, k;
 	unsigned long flags;
 
 	local_irq_save(flags);
+	if (pc->anchor) {
+		t1 = ktime_get_ns();
+		g = readq(pc->regs + PVCE_GUEST_NOW);
+		t2 = ktime_get_ns();
+		k = t1 + (t2 - t1) / 2;
+		if (k - pc->anchor >= PVCE_RATE_MIN_NS && g > pc->anchor &&
+		    g - pc->anchor < (k - pc->anchor) * 64)
+			pc->rate = mul_u64_u64_div_u64(g - pc->anchor, PVCE_RATE_ONE, k - pc->anchor);
+	}
 	t1 = ktime_get_ns();
 	writeq(t1, pc->regs + PVCE_SYNC);
 	t2 = ktime_get_ns();
 	writeq(t2, pc->regs + PVCE_SYNC_END);
+	pc->anchor = t1 + (t2 - t1) / 2;
 	local_irq_restore(flags);
 }
 
-static void pvce_resync(struct work_struct *work)
+/* The guest deadline t on the host's guest-clock scale (see the top). */
+static u64 pvce_scale(struct pvce_cpu *pc, u64 t)
 {
-	int cpu;
+	u64 d;
 
-	cpus_read_lock();
-	for_each_online_cpu(cpu) {
-		struct pvce_cpu *pc = per_cpu_ptr(&pvce_cpus, cpu);
-
-		if (pc->online)
-			pvce_sync(pc);
-	}
-	cpus_read_unlock();
-	if (resync_ms)
-		schedule_delayed_work(&pvce_resync_work, msecs_to_jiffies(resync_ms));
+	if (pc->rate == PVCE_RATE_ONE || t <= pc->anchor)
+		return t;
+	/*
+	 * Past ~18 minutes, program 18 minutes: the early interrupt then
+	 * resynchronises and programs the rest (no overflow: rate < 64).
+	 */
+	d = min_t(u64, t - pc->anchor, 1ULL << 40);
+	return pc->anchor + mul_u64_u64_shr(d, pc->rate, 32);
 }
 
 static int pvce_set_next_ktime(ktime_t expires, struct clock_event_device *ced)
 {
 	struct pvce_cpu *pc = to_pvce(ced);
-	u64 t = expires < 0 ? 0 : (u64)expires;
+	u64 t;
+
+	pc->expires = expires < 0 ? 0 : (u64)expires;
+	t = pvce_scale(pc, pc->expires);
 
 	if (!use_shared) {
 		writeq(t, pc->regs + PVCE_DEADLINE);
@@ -180,7 +213,16 @@ static int pvce_set_oneshot(struct clock_event_device *ced)
 static irqreturn_t pvce_interrupt(int irq, void *dev_id)
 {
 	struct pvce_cpu *pc = dev_id;
+	u64 now = ktime_get_ns();
 
+	/*
+	 * Early (the rate estimate was off, or the clocks moved apart) or due
+	 * for a resync: a handshake first, so the event handler programs the
+	 * next deadline against a fresh anchor (and, early, a value that
+	 * differs from the one that fired, which the host would not re-arm).
+	 */
+	if (now < pc->expires || (resync_ms && now - pc->anchor >= (u64)resync_ms * NSEC_PER_MSEC))
+		pvce_sync(pc);
 	if (pc->ced.event_handler)
 		pc->ced.event_handler(&pc->ced);
 	return IRQ_HANDLED;
@@ -222,7 +264,16 @@ static int pvce_cpu_online(unsigned int cpu)
 		goto free_shm;
 	}
 	irq_set_affinity(pc->irq, cpumask_of(cpu));
+	/* Two handshakes PVCE_RATE_MIN_NS apart give the first rate estimate. */
+	pc->anchor = 0;
+	pc->rate = PVCE_RATE_ONE;
+	pc->expires = 0;
 	pvce_sync(pc);
+	while (ktime_get_ns() - pc->anchor < PVCE_RATE_MIN_NS)
+		cpu_relax();
+	pvce_sync(pc);
+	pr_info("pvce: CPU %u: host ns per guest ns %llu.%03llu\n", cpu, pc->rate >> 32,
+		((pc->rate & 0xffffffffULL) * 1000) >> 32);
 
 	memset(ced, 0, sizeof(*ced));
 	ced->name = pc->name;
@@ -283,8 +334,6 @@ static int __init pvce_init(void)
 	if (ret < 0)
 		return ret;
 	pvce_hp_state = ret;
-	if (resync_ms)
-		schedule_delayed_work(&pvce_resync_work, msecs_to_jiffies(resync_ms));
 	return 0;
 }
 module_init(pvce_init);
