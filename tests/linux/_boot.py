@@ -77,15 +77,14 @@ class Milestones:
         self._n += 1
         with self.cond:
             start = self.pos
-        # The terminal echoes the typed line with "$((n + 0))" unexpanded, so only
-        # the shell's own output matches the marker.
-        os.write(self.fd, f"{command}; echo @@end-$(({self._n} + 0))@@\r".encode())
-        self.wait(name or command, f"@@end-{self._n}@@", timeout)
+        n = self._n
+        os.write(self.fd, f"echo @@beg-$(({n} + 0))@@; {command}; echo @@end-$(({n} + 0))@@\r".encode())
+        self.wait(name or command, f"@@end-{n}@@", timeout)
         with self.cond:
             out = self.buf[start:self.pos].decode("utf-8", "replace")
-        # Drop the echoed command line and the marker.
-        out = out.split("\n", 1)[1] if "\n" in out else ""
-        return out.rsplit(f"@@end-{self._n}@@", 1)[0].replace("\r", "")
+        # Only the shell's output has the markers expanded; the echoed command line has "$((n + 0))".
+        out = out.split(f"@@beg-{n}@@", 1)[-1]
+        return out.rsplit(f"@@end-{n}@@", 1)[0].replace("\r", "").strip("\n")
 
     @property
     def text(self) -> str:
