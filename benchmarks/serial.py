@@ -38,25 +38,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from kvmkit import VirtualMachine  # noqa: E402
 from kvmkit.host.backends import NullBackend, SocketPairBackend  # noqa: E402
+from kvmkit.selftest import SUMMARY, stream  # noqa: E402
 
 COM2_PORTS = range(0x2F8, 0x300)
-SUMMARY = re.compile(
-    r"serial-selftest: COM2 (?P<type>\S+) (?P<dir>tx|rx) (?P<bytes>\d+) bytes in (?P<tsc>\d+) tsc, "
-    r"irqs=(?P<irqs>\d+), passes=(?P<passes>\d+), thre-passes=\d+, rx-passes=\d+, "
-    r"unhandled-irqs=(?P<unhandled>\d+), pass-limit-overflows=(?P<overflows>\d+), "
-    r"lsr-errors=(?P<lsr_errors>\d+), errors=(?P<errors>\d+).*?crc=0x(?P<crc>[0-9a-f]{8})")
-
-
-def stream(n: int) -> bytes:
-    """xorshift32 seeded with 1; each step's new state gives one byte (its low 8 bits)."""
-    x = 1
-    out = bytearray(n)
-    for i in range(n):
-        x ^= (x << 13) & 0xFFFFFFFF
-        x ^= x >> 17
-        x ^= (x << 5) & 0xFFFFFFFF
-        out[i] = x & 0xFF
-    return bytes(out)
 
 
 def kvm_exits(vm: VirtualMachine) -> int:

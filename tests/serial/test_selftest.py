@@ -9,7 +9,6 @@ and check every byte, the probe's verdict and the driver's
 
 from __future__ import annotations
 
-import functools
 import re
 import socket
 import threading
@@ -20,26 +19,9 @@ import pytest
 
 from kvmkit import VirtualMachine
 from kvmkit.host.backends import NullBackend, SocketPairBackend
+from kvmkit.selftest import SUMMARY, stream
 
 pytestmark = pytest.mark.kvm
-
-SUMMARY = re.compile(
-    r"serial-selftest: COM(?P<port>\d) (?P<type>\S+) (?P<dir>tx|rx) (?P<bytes>\d+) bytes in (?P<tsc>\d+) tsc, "
-    r"irqs=(?P<irqs>\d+), passes=(?P<passes>\d+), .*?pass-limit-overflows=(?P<overflows>\d+), "
-    r"lsr-errors=(?P<lsr_errors>\d+), errors=(?P<errors>\d+).*?crc=0x(?P<crc>[0-9a-f]{8})")
-
-
-@functools.lru_cache(maxsize=None)
-def stream(n: int) -> bytes:
-    """The self-test's bytes: xorshift32 seeded with 1, low 8 bits of each new state."""
-    x = 1
-    out = bytearray(n)
-    for i in range(n):
-        x ^= (x << 13) & 0xFFFFFFFF
-        x ^= x >> 17
-        x ^= (x << 5) & 0xFFFFFFFF
-        out[i] = x & 0xFF
-    return bytes(out)
 
 
 def test_stream_definition():
