@@ -54,3 +54,28 @@ def test_trace_record_then_report(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["activity"]["accesses"]["pio"]["write 0x80"] == 50
+
+
+def test_cpuid_clear_parsing():
+    from kvmkit.cli.main import _cpuid_clear
+    from kvmkit.errors import KvmkitError
+    assert _cpuid_clear(["1:ecx:13", "1:ECX:0", "0x7:ebx:9"]) == {(1, "ecx"): (1 << 13) | 1, (7, "ebx"): 1 << 9}
+    for bad in ("1:ecx", "1:exx:3", "1:ecx:32", "x:ecx:1"):
+        with pytest.raises(KvmkitError):
+            _cpuid_clear([bad])
+
+
+@pytest.mark.kvm
+def test_cpuid_clear_hides_the_feature_from_the_guest():
+    """CPUID.1:ECX bit 13 (CX16) is gone from the table kvmkit gives KVM_SET_CPUID2."""
+    from kvmkit.machine.cpu import build_cpuid
+    from kvmkit.kvm import Kvm
+    k = Kvm()
+    try:
+        sup = k.supported_cpuid()
+    finally:
+        k.close()
+    leaf1 = [e for e in build_cpuid(sup, 0, 1, {(1, "ecx"): 1 << 13}) if e.function == 1][0]
+    assert not leaf1.ecx & (1 << 13)
+    untouched = [e for e in build_cpuid(sup, 0, 1, {}) if e.function == 1][0]
+    assert leaf1.ecx == untouched.ecx & ~(1 << 13)

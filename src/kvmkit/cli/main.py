@@ -43,6 +43,21 @@ def _serial_specs(items: list[str]) -> list[str]:
     return specs
 
 
+def _cpuid_clear(items: list[str]) -> dict[tuple[int, str], int]:
+    """``LEAF:REG:BIT`` words (leaf in decimal or 0x hex) -> MachineConfig.cpuid_clear."""
+    out: dict[tuple[int, str], int] = {}
+    for item in items:
+        parts = item.lower().split(":")
+        try:
+            leaf, reg, bit = int(parts[0], 0), parts[1], int(parts[2], 0)
+            if len(parts) != 3 or reg not in ("eax", "ebx", "ecx", "edx") or not 0 <= bit < 32 or leaf < 0:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise KvmkitError(f"cannot read --cpuid-clear {item!r}; write LEAF:REG:BIT, e.g. 1:ecx:13.") from None
+        out[(leaf, reg)] = out.get((leaf, reg), 0) | (1 << bit)
+    return out
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--kernel", help="bzImage or vmlinux ELF to boot (default: the bundled guest)")
     p.add_argument("-i", "--initrd", help="initrd / initramfs image")
@@ -57,6 +72,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="send serial output at the baud rate the guest programmed (real timing); off by default")
     p.add_argument("--stats", action="store_true", help="print exit statistics when the VM stops")
     p.add_argument("--stats-json", metavar="FILE", help="write exit statistics as JSON to FILE")
+    p.add_argument("--cpuid-clear", action="append", default=[], metavar="LEAF:REG:BIT",
+                   help="hide a CPU feature from the guest, e.g. 1:ecx:13 (CX16) or 7:ebx:9 (ERMS); repeatable")
     p.add_argument("--quirks", choices=["auto", "nested-pvm", "none"], default="auto",
                    help="host quirk profile (docs/quirks.md); auto picks nested-pvm on a PVM host, none elsewhere")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
@@ -68,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, serial=_serial_specs(args.serial),
                         serial_fifo=not args.serial_nofifo, serial_pace=args.serial_pace,
-                        stats=args.stats, quirks=args.quirks)
+                        stats=args.stats, quirks=args.quirks, cpuid_clear=_cpuid_clear(args.cpuid_clear))
     machine = Machine(cfg)  # KVM problems first: they are the most basic
     try:
         if args.kernel:
