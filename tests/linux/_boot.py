@@ -37,6 +37,7 @@ class Milestones:
         self.thread = threading.Thread(target=self._reader, daemon=True)
         self.thread.start()
         self._n = 0
+        self.segfaults: list[tuple[str, str]] = []  # (command, output) of runs a guest crash spoiled
 
     def _reader(self) -> None:
         while True:
@@ -73,7 +74,23 @@ class Milestones:
                 self.cond.wait(min(left, 1.0))
 
     def run(self, command: str, timeout: float = 60, name: str | None = None) -> str:
-        """Type ``command`` into the shell; return what it printed (up to an end marker it echoes)."""
+        """Type ``command`` into the shell; return what it printed (up to an end marker it echoes).
+
+        A user process that dies of SIGSEGV is retried once and recorded in
+        :attr:`segfaults`: on the nested-PVM host, about one process in a few
+        boots crashes with a broken TLS pointer right after exec (a known,
+        not yet understood fault in the emulated SYSCALL path, see
+        docs/quirks.md). Tests assert how many happened, so a real regression
+        (every process crashing) still fails.
+        """
+        out = self._run_once(command, timeout, name)
+        if "Segmentation fault" in out:
+            self.segfaults.append((command, out))
+            print(f"warning: a guest process crashed running {command!r}; retrying once:\n{out}", file=sys.stderr)
+            out = self._run_once(command, timeout, name)
+        return out
+
+    def _run_once(self, command: str, timeout: float, name: str | None) -> str:
         self._n += 1
         with self.cond:
             start = self.pos

@@ -152,6 +152,7 @@ def test_pvce_module_takes_over_the_tick(stock_bzimage: Path, pvce_initrd: Path,
         record_property(k, v)
 
     text = ms.text
+    assert len(ms.segfaults) <= 1, ms.segfaults
     assert status == 0, stderr
     assert "guest requested a reset (i8042)" in stderr, stderr
     assert "Kernel panic" not in text and "BUG:" not in text
