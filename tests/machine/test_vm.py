@@ -140,3 +140,20 @@ def test_sigterm_stops_the_vm():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_statistics_are_current_while_the_vm_runs():
+    """Ctrl-A s reads the tallies of a running VM: a kick hands them over."""
+    with VirtualMachine(script="pio-loop 500 0x80; shell") as vm:
+        vm.console.wait_for("kvmkit> ", timeout=60)
+        vm.machine.kick_all()
+        deadline = time.monotonic() + 5
+        while vm.machine.exit_stats()[0].pio[(0x80, "out")] < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = vm.machine.exit_stats()[0]
+        assert st.pio[(0x80, "out")] == 500
+        assert st.run_ns > 0 and st.exits[2] >= 500
+        assert vm.status is None  # still running
+        vm.console.send("poweroff 0\r")
+        assert vm.wait(30) == 0
+    assert vm.machine.exit_stats()[0].pio[(0x80, "out")] == 500

@@ -200,7 +200,10 @@ class Machine:
         if cmd == "quit":
             self.request_stop(0, "quit from the console (Ctrl-A x)")
         elif cmd == "stats":
-            self._console_note(self.stats_table())
+            # The vCPU loops keep their tallies locally and hand them over
+            # when kicked: kick, then print once they have.
+            self.kick_all()
+            self.loop.call_later(0.05, lambda: self._console_note(self.stats_table()))
         elif cmd == "help":
             from ..host.terminal import ESCAPE_HELP
             self._console_note(ESCAPE_HELP)
@@ -232,16 +235,20 @@ class Machine:
         return info
 
     # --- guest halted for good (poweroff -f without ACPI) -----------------------------
+    def kick_all(self) -> None:
+        """Bring every vCPU out of KVM_RUN once (it re-enters at once): hooks run, tallies are flushed."""
+        for runner in self.runners:
+            t = runner.thread
+            if t is not None and t.is_alive() and t.ident is not None and t is not threading.current_thread():
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
     def _watch_kicks(self) -> None:
         """Kick every vCPU out of KVM_RUN now and then, so kick hooks can look at it."""
         while not self._done.wait(WATCH_INTERVAL):
-            for runner in self.runners:
-                t = runner.thread
-                if t is not None and t.is_alive() and t.ident is not None:
-                    try:
-                        signal.pthread_kill(t.ident, KICK_SIGNAL)
-                    except (ProcessLookupError, OSError):
-                        pass
+            self.kick_all()
 
     def _check_halted(self, vcpu: Vcpu) -> None:
         """Linux's poweroff (and halt) without ACPI ends in cli; hlt on every CPU: stop with status 0."""
@@ -280,12 +287,7 @@ class Machine:
             self.reset_requested = reset
         for runner in self.runners:
             runner.vcpu.run.immediate_exit = 1
-            t = runner.thread
-            if t is not None and t.is_alive() and t is not threading.current_thread() and t.ident is not None:
-                try:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+        self.kick_all()
         self._done.set()
         for cb in self.on_stop:
             try:

@@ -130,6 +130,27 @@ class VcpuRunner:
         mmap_size = len(mm)
         run_ns = 0
         handler_ns = 0
+
+        def flush() -> None:
+            """Move the loop's local tallies into self.stats (on a kick and at the end)."""
+            nonlocal run_ns, handler_ns
+            stats.run_ns += run_ns
+            stats.handler_ns += handler_ns
+            run_ns = handler_ns = 0
+            for reason, n in enumerate(exit_counts):
+                if n:
+                    stats.exits[reason] += n
+                    exit_counts[reason] = 0
+            for fast, d in ((out_fast, "out"), (in_fast, "in")):
+                for port, h in fast.items():
+                    if h[2]:
+                        stats.pio[(port, d)] += h[2]
+                        h[2] = 0
+            for slow, d in ((pio_out, "out"), (pio_in, "in")):
+                for port, n in slow.items():
+                    stats.pio[(port, d)] += n
+                slow.clear()
+
         t_exit = clock()
         try:
             # A stop sets immediate_exit and kicks every vCPU, so KVM_RUN
@@ -150,6 +171,7 @@ class VcpuRunner:
                     run.immediate_exit = 0
                     if machine.stopping:
                         break
+                    flush()  # so that statistics read while the VM runs are current
                     for kick_hook in self.kick_hooks:
                         kick_hook(vcpu)
                     continue
@@ -219,19 +241,8 @@ class VcpuRunner:
                 if not self._slow_exit(reason):
                     break
         finally:
-            stats.run_ns += run_ns
-            stats.handler_ns += handler_ns + (clock() - t_exit)
-            for reason, n in enumerate(exit_counts):
-                if n:
-                    stats.exits[reason] += n
-            for port, h in out_fast.items():
-                pio_out[port] = pio_out.get(port, 0) + h[2]
-            for port, h in in_fast.items():
-                pio_in[port] = pio_in.get(port, 0) + h[2]
-            for port, n in pio_out.items():
-                stats.pio[(port, "out")] += n
-            for port, n in pio_in.items():
-                stats.pio[(port, "in")] += n
+            handler_ns += clock() - t_exit
+            flush()
 
     def _slow_exit(self, reason: int) -> bool:
         """Exits that are rare enough for readable code. Returns False to leave the loop."""
