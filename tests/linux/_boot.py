@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 APPEND = "console=ttyS0 earlyprintk=serial,ttyS0,115200"
 MEM = "128M"
@@ -118,3 +120,17 @@ def start_kvmkit(kernel: Path, initrd: Path, *extra: str) -> tuple[subprocess.Po
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True)
     os.close(slave)
     return proc, master, Milestones(master)
+
+
+def finish_kvmkit(proc: subprocess.Popen[bytes], master: int, ms: Milestones,
+                  record_property: Callable[[str, object], None]) -> str:
+    """Tear down a boot from start_kvmkit on every path: kill a survivor, close the pty,
+    record the milestones; returns kvmkit's stderr."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    os.close(master)
+    for name, t in ms.times.items():
+        record_property(f"milestone {name}", f"{t:.1f}")
+    return stderr

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from _boot import start_kvmkit
+from _boot import finish_kvmkit, start_kvmkit
 
 from kvmkit.boot.initramfs import INIT_MARKER
 
@@ -53,13 +52,7 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
         status = proc.wait(120)
         ms.wait("poweroff", re.compile(rb"$"), 1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-        os.close(master)
-        for name, t in ms.times.items():
-            record_property(f"milestone {name}", f"{t:.1f}")
+        stderr = finish_kvmkit(proc, master, ms, record_property)
         print(stderr, file=sys.stderr)
 
     text = ms.text

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from _boot import start_kvmkit
+from _boot import finish_kvmkit, start_kvmkit
 
 from kvmkit.boot.initramfs import INIT_MARKER, busybox_initramfs, file
 from kvmkit.errors import BootError
@@ -128,13 +127,7 @@ def test_pvce_module_takes_over_the_tick(stock_bzimage: Path, pvce_initrd: Path,
         os.write(master, b"reboot -f\r")
         status = proc.wait(120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-        os.close(master)
-        for name, t in ms.times.items():
-            record_property(f"milestone {name}", f"{t:.1f}")
+        stderr = finish_kvmkit(proc, master, ms, record_property)
         for k, v in report.items():
             print(f"guest {k}: {v}", file=sys.stderr)
         print(stderr, file=sys.stderr)

@@ -133,10 +133,6 @@ class PtyBackend(FdBackend):
         self.slave_name = os.ttyname(slave)
         self.name = f"pty:{self.slave_name}"
 
-    def write(self, data: bytes) -> int:
-        n = super().write(data)
-        return n
-
     def close(self) -> None:
         for fd in (self.input_fd, self._slave_fd):
             if fd is not None and fd >= 0:

@@ -7,7 +7,6 @@ offsets are checked against the C headers by tests/kvm/test_abi.py.
 
 from __future__ import annotations
 
-import ctypes
 from ctypes import (
     Structure,
     Union,
@@ -347,6 +346,3 @@ class kvm_stats_desc(Structure):
 
 
 __all__ = [name for name in dir() if name.startswith("kvm_") or name.endswith("_buffer")] + ["KVM_NR_INTERRUPTS", "KVM_APIC_REG_SIZE"]
-
-# Silence "imported but unused" for names kept for readers of the ABI.
-_ = (c_int16, ctypes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -22,7 +21,7 @@ from ..devices.cmos import CMOS_INDEX, Cmos
 from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.misc import EXIT_PORT, I8042, ExitPort, PortSink
 from ..errors import KvmkitError
-from ..host.backends import Backend, NullBackend, parse_backend
+from ..host.backends import Backend, parse_backend
 from ..host.loop import EventLoop
 from ..kvm.constants import KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, Cap
 from ..kvm.system import Kvm, KvmError, Vcpu, Vm
@@ -422,8 +421,6 @@ class _Window:
     def io_write(self, offset: int, size: int, value: int) -> None:
         self.device.io_write(self.offset + offset, size, value)
 
-
-_ = (sys, NullBackend)
 
 
 def parse_size(text: str | int) -> int:

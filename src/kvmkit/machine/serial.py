@@ -19,6 +19,7 @@ and the host, which is what makes a serial console fast or slow:
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -329,7 +330,6 @@ class SerialPort:
         self._closed = True
         self.pace = False  # what is left goes out now, not at line speed
         with self.lock:
-            self.uart.take_tx  # noqa: B018  (model stays valid)
             try:
                 self._drain_locked()
             except Exception:
@@ -341,8 +341,6 @@ class SerialPort:
         self.backend.close()
 
     def _write_all_blocking(self, data: bytes, timeout: float = 2.0) -> None:
-        import select
-        import time
         deadline = time.monotonic() + timeout
         fd = self.backend.output_fd
         while data and time.monotonic() < deadline:
