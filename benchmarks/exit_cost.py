@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from kvmkit.machine.cpu import set_real_mode  # noqa: E402
-from kvmkit.machine.machine import Machine, MachineConfig  # noqa: E402
+from kvmkit.machine.config import VmConfig  # noqa: E402
+from kvmkit.machine.machine import Machine  # noqa: E402
 
 LOAD = 0x1000
 
@@ -62,7 +63,7 @@ def run_c(exe: Path, blob: Path) -> dict:
 
 
 def run_kvmkit(code: bytes) -> dict:
-    m = Machine(MachineConfig(serial=["off"] * 4))
+    m = Machine(VmConfig(serial=["off"] * 4))
     try:
         assert m.mem is not None
         m.mem.write(LOAD, code)

@@ -8,7 +8,7 @@ stream through it, interrupt-driven, with Linux's per-interrupt logic
 host end is a socket pair read (tx) or written (rx) by this script. Each
 case runs in its own VM, all in one run, side by side:
 
-  fifo    kvmkit's 16550A (MachineConfig.serial_fifo=True)
+  fifo    kvmkit's 16550A (VmConfig.serial_fifo=True)
   nofifo  the same UART without FIFOs, what the old kvm tool emulated
           (serial_fifo=False; the driver then sees a 16450)
 

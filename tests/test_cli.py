@@ -57,7 +57,7 @@ def test_trace_record_then_report(tmp_path: Path):
 
 
 def test_cpuid_clear_parsing():
-    from kvmkit.cli.main import _cpuid_clear
+    from kvmkit.machine.config import parse_cpuid_clear as _cpuid_clear
     from kvmkit.errors import KvmkitError
     assert _cpuid_clear(["1:ecx:13", "1:ECX:0", "0x7:ebx:9"]) == {(1, "ecx"): (1 << 13) | 1, (7, "ebx"): 1 << 9}
     for bad in ("1:ecx", "1:exx:3", "1:ecx:32", "x:ecx:1"):

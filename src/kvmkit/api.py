@@ -21,9 +21,8 @@ from pathlib import Path
 
 from .errors import KvmkitError
 from .host.backends import Backend, NullBackend, SocketPairBackend
-from .machine.machine import Machine, MachineConfig, parse_size
-
-DEFAULT_GUEST_CMDLINE = "console=ttyS0"
+from .machine.config import VmConfig
+from .machine.machine import Machine
 
 
 class ConsoleTimeout(KvmkitError, TimeoutError):
@@ -117,27 +116,20 @@ class VirtualMachine:
     def __init__(self, kernel: str | Path | None = None, initrd: str | Path | None = None,
                  append: str | None = None, script: str | None = None, mem: str | int = "256M",
                  cpus: int = 1, serial_fifo: bool = True, serial_pace: bool = False,
-                 extra_ports: list[Backend] | None = None,
+                 extra_ports: list[Backend | None] | None = None,
                  cpuid_clear: dict[tuple[int, str], int] | None = None, quirks: str = "auto") -> None:
+        ports = extra_ports if extra_ports is not None else [NullBackend(), NullBackend(), NullBackend()]
+        config = VmConfig(kernel=Path(kernel) if kernel is not None else None,
+                          initrd=Path(initrd) if initrd is not None else None,
+                          cmdline=append, script=script or None, mem_size=mem, cpus=cpus,  # type: ignore[arg-type]
+                          serial=["none"] + ["off" if b is None else "none" for b in ports[:3]],
+                          serial_fifo=serial_fifo, serial_pace=serial_pace,
+                          cpuid_clear=dict(cpuid_clear or {}), quirks=quirks)
         self.console_backend = SocketPairBackend()
-        backends: list[Backend] = [self.console_backend] + (extra_ports or [NullBackend(), NullBackend(), NullBackend()])
-        cfg = MachineConfig(mem_size=parse_size(mem), cpus=cpus, serial_fifo=serial_fifo,
-                            serial_pace=serial_pace,
-                            cpuid_clear=dict(cpuid_clear or {}), quirks=quirks)
-        self.machine = Machine(cfg, backends=backends)
+        self.machine = Machine(config, backends=[self.console_backend, *ports])
         self.console = ConsoleTap(self.console_backend.peer)
         try:
-            if kernel is None:
-                from .boot.bundled import bundled_guest
-                image = bundled_guest().read_bytes()
-                cmdline = append if append is not None else DEFAULT_GUEST_CMDLINE
-                if script:
-                    cmdline += " -- " + script
-            else:
-                image = Path(kernel).read_bytes()
-                cmdline = append or ""
-            initrd_data = Path(initrd).read_bytes() if initrd is not None else None
-            self.boot_info = self.machine.boot(image, initrd_data, cmdline)
+            self.boot_info = self.machine.load()
         except BaseException:
             self.close()
             raise

@@ -102,6 +102,17 @@ class GuestMemory:
         off = gpa - region.gpa
         region.mm[off:off + len(data)] = bytes(data)
 
+    def read_available(self, gpa: int, size: int) -> bytes:
+        """The bytes at ``gpa`` as far as RAM goes, up to ``size``: for reading guest code or
+        structures whose end is not known, where a short read is an answer, not an error."""
+        if gpa < 0 or size <= 0:
+            return b""
+        for region in self.regions:
+            if region.contains(gpa):
+                off = gpa - region.gpa
+                return region.mm[off:off + min(size, region.end - gpa)]
+        return b""
+
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy view, for devices that share a page with the guest."""
         region = self._region(gpa, size)

@@ -35,20 +35,30 @@ UART_EFR = 2  # the EFR sits at offset 2 on parts that have one (LCR=0xBF)
 
 
 class Irq:
-    """Records the interrupt output as the model drives it."""
+    """The UART's host side for tests: records the interrupt output, and calls on TX start / RX space."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_tx=None, on_rx_space=None) -> None:
         self.level = False
         self.calls: list[bool] = []
+        self.on_tx = on_tx
+        self.on_rx_space = on_rx_space
 
-    def __call__(self, level: bool) -> None:
+    def set_irq(self, level: bool) -> None:
         self.calls.append(level)
         self.level = level
 
+    def tx_started(self) -> None:
+        if self.on_tx is not None:
+            self.on_tx()
+
+    def rx_space(self) -> None:
+        if self.on_rx_space is not None:
+            self.on_rx_space()
+
 
 def make(fifo: bool = True, **kw) -> tuple[Uart16550, Irq]:
-    irq = Irq()
-    return Uart16550(irq, fifo=fifo, **kw), irq
+    irq = Irq(**kw)
+    return Uart16550(irq, fifo=fifo), irq
 
 
 def enable_fifo(u: Uart16550, trigger_bits: int = 0) -> None:

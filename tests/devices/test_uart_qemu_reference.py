@@ -43,7 +43,6 @@ import pathlib
 import select
 import shutil
 import subprocess
-from typing import Callable
 
 import pytest
 
@@ -139,12 +138,19 @@ class Pair:
     def __init__(self, qemu: QTest) -> None:
         self.q = qemu
         self.level = False
-        self.m = Uart16550(self._irq)
+        self.m = Uart16550(self)
         self.log: list[str] = []
         self.loop_used = False
 
-    def _irq(self, level: bool) -> None:
+    # UartHost: only the interrupt output matters for the comparison.
+    def set_irq(self, level: bool) -> None:
         self.level = level
+
+    def tx_started(self) -> None:
+        pass
+
+    def rx_space(self) -> None:
+        pass
 
     def write(self, offset: int, value: int) -> None:
         self.log.append(f"out {offset} {value:#04x}")

@@ -124,7 +124,7 @@ def abi_names() -> dict[str, int]:
 
 
 def test_guest_drivers_use_the_models_register_map() -> None:
-    from kvmkit.machine.pvtimer import PVCE_BASE
+    from kvmkit.machine.pc import PVCE_BASE
 
     expected = abi_names()
     assert expected["BASE"] == PVCE_BASE

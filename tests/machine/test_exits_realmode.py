@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from kvmkit.machine.cpu import set_real_mode
-from kvmkit.machine.machine import Machine, MachineConfig
+from kvmkit.machine.config import VmConfig
+from kvmkit.machine.machine import Machine
 
 pytestmark = pytest.mark.kvm
 
@@ -32,7 +33,7 @@ class Recorder:
 
 
 def run_blob(code: bytes, mem_size: int = 2 << 20, setup=None, timeout: float = 30) -> Machine:
-    m = Machine(MachineConfig(mem_size=mem_size, serial=["off"] * 4))
+    m = Machine(VmConfig(mem_size=mem_size, serial=["off"] * 4))
     assert m.mem is not None
     m.mem.write(LOAD, code)
     if setup:
@@ -164,7 +165,7 @@ def test_hlt_with_interrupts_off_keeps_vcpu_in_kernel_and_stop_kicks_it():
     import threading
     import time
     code = bytes([0xFA, 0xF4, 0xEB, 0xFD])  # cli; hlt; jmp $-1
-    m = Machine(MachineConfig(serial=["off"] * 4))
+    m = Machine(VmConfig(serial=["off"] * 4))
     try:
         m.mem.write(LOAD, code)
         set_real_mode(m.runners[0].vcpu, LOAD)
@@ -182,7 +183,7 @@ def test_hlt_with_interrupts_off_keeps_vcpu_in_kernel_and_stop_kicks_it():
 
 
 def test_hlt_without_irqchip_exits_to_user_space():
-    m = Machine(MachineConfig(serial=["off"] * 4, irqchip=False))
+    m = Machine(VmConfig(serial=["off"] * 4, irqchip=False))
     try:
         m.mem.write(LOAD, bytes([0xFA, 0xF4]))  # cli; hlt
         set_real_mode(m.runners[0].vcpu, LOAD)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BootError
 from ..memory import GiB, MiB, GuestMemory, PCI_HOLE_START
+from ..x86 import CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_FIXED
 from . import layout
 from .bzimage import is_bzimage, open_bzimage
 from .elf import ElfImage, is_elf, linux_banner, load_elf, parse_elf
@@ -32,20 +33,11 @@ from .params import (
     synth_setup_header,
 )
 
-# Control register bits for the 64-bit entry state boot.rst asks for.
-CR0_PE = 1 << 0  # protected mode
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5  # native x87 error reporting
-CR0_PG = 1 << 31  # paging
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8  # long mode enable
-EFER_LMA = 1 << 10  # long mode active (KVM wants it set along with LME for a 64-bit start)
-
+# The 64-bit entry state boot.rst asks for: protected mode with paging and PAE, long mode, interrupts off.
 BOOT_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG
 BOOT_CR4 = CR4_PAE
 BOOT_EFER = EFER_LME | EFER_LMA
-BOOT_RFLAGS = 0x2  # bit 1 is reserved and always set; interrupts off
+BOOT_RFLAGS = RFLAGS_FIXED
 
 # Page table entry bits
 PTE_PRESENT = 1 << 0
@@ -126,7 +118,14 @@ class BootInfo:
 
 
 @dataclass(frozen=True)
-class _Kernel:
+class KernelImage:
+    """A kernel file, opened once: the ELF to load and what its header says.
+
+    ``is_linux`` tells a Linux kernel (a bzImage, or an ELF with a Linux
+    banner) from another ELF such as the bundled guest: the command line a
+    Linux kernel gets depends on it.
+    """
+
     elf_data: bytes
     elf: ElfImage
     setup_header: bytes
@@ -138,21 +137,26 @@ class _Kernel:
     cmdline_size: int
     initrd_addr_max: int
 
+    @property
+    def is_linux(self) -> bool:
+        return self.fmt == "bzImage" or self.kernel_version is not None
 
-def _open_kernel(kernel: bytes) -> _Kernel:
+
+def open_kernel(kernel: bytes) -> KernelImage:
+    """Recognise and parse a bzImage or an x86-64 ELF; one sentence (BootError) for anything else."""
     if is_bzimage(kernel):
         bz = open_bzimage(kernel)
         hdr = bz.header
         if not hdr.is_64bit:
             raise BootError("the bzImage is a 32-bit kernel (XLF_KERNEL_64 is not set), and kvmkit boots 64-bit kernels only; use an x86-64 kernel.")
         elf = parse_elf(bz.vmlinux)
-        return _Kernel(bz.vmlinux, elf, hdr.raw, "bzImage", bz.compression, hdr.version,
+        return KernelImage(bz.vmlinux, elf, hdr.raw, "bzImage", bz.compression, hdr.version,
                        hdr.kernel_version or None, hdr.init_size, hdr.cmdline_size, hdr.initrd_addr_max)
     if is_elf(kernel):
         elf = parse_elf(kernel)
         banner = linux_banner(kernel)
         version = banner[len("Linux version "):] if banner else None
-        return _Kernel(kernel, elf, synth_setup_header(), "elf", None, 0x020F, version,
+        return KernelImage(kernel, elf, synth_setup_header(), "elf", None, 0x020F, version,
                        elf.phys_end - elf.phys_start, SYNTH_CMDLINE_SIZE, SYNTH_INITRD_ADDR_MAX)
     raise BootError("the kernel file is neither a bzImage (no 'HdrS' header) nor an ELF executable; pass a Linux bzImage, a vmlinux or the bundled guest.")
 
@@ -218,7 +222,7 @@ def place_initrd(mem: GuestMemory, size: int, kernel_end: int, initrd_addr_max: 
 
 def load_linux(
     mem: GuestMemory,
-    kernel: bytes,
+    kernel: bytes | KernelImage,
     initrd: bytes | None = None,
     cmdline: str = "",
     *,
@@ -231,7 +235,7 @@ def load_linux(
     Raises :class:`BootError` with a one-sentence reason for anything that
     would not boot, before the guest ever runs.
     """
-    k = _open_kernel(kernel)
+    k = kernel if isinstance(kernel, KernelImage) else open_kernel(kernel)
     elf = k.elf
     for s in elf.segments:
         _check_fixed_overlap("kernel segment", s.paddr, s.memsz)

@@ -8,8 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .. import __version__
 from ..errors import KvmkitError
+
+if TYPE_CHECKING:
+    from ..machine.config import VmConfig
 
 EPILOG_RUN = """\
 With no --kernel, kvmkit boots its bundled guest; any words after the options
@@ -19,43 +24,6 @@ output), off (no device). On the terminal: Ctrl-A x quits, Ctrl-A s prints
 exit statistics, Ctrl-A Ctrl-A sends Ctrl-A.
 Exit status: the guest's (exit port or poweroff = 0), 2 triple fault,
 1 VMM or KVM error, 130/143 on SIGINT/SIGTERM."""
-
-
-def _serial_specs(items: list[str]) -> list[str]:
-    specs = ["stdio", "none", "none", "none"]
-    nxt = 0
-    for item in items:
-        if "=" in item and item.split("=", 1)[0].upper().startswith("COM"):
-            name, spec = item.split("=", 1)
-            try:
-                idx = int(name[3:]) - 1
-            except ValueError:
-                raise KvmkitError(f"cannot read serial port name {name!r}; use COM1 to COM4.") from None
-            if not 0 <= idx < 4:
-                raise KvmkitError(f"serial port {name} does not exist; use COM1 to COM4.")
-            specs[idx] = spec
-            nxt = idx + 1
-        else:
-            if nxt >= 4:
-                raise KvmkitError("more than four --serial options; a PC has COM1 to COM4.")
-            specs[nxt] = item
-            nxt += 1
-    return specs
-
-
-def _cpuid_clear(items: list[str]) -> dict[tuple[int, str], int]:
-    """``LEAF:REG:BIT`` words (leaf in decimal or 0x hex) -> MachineConfig.cpuid_clear."""
-    out: dict[tuple[int, str], int] = {}
-    for item in items:
-        parts = item.lower().split(":")
-        try:
-            leaf, reg, bit = int(parts[0], 0), parts[1], int(parts[2], 0)
-            if len(parts) != 3 or reg not in ("eax", "ebx", "ecx", "edx") or not 0 <= bit < 32 or leaf < 0:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise KvmkitError(f"cannot read --cpuid-clear {item!r}; write LEAF:REG:BIT, e.g. 1:ecx:13.") from None
-        out[(leaf, reg)] = out.get((leaf, reg), 0) | (1 << bit)
-    return out
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,32 +48,23 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("script", nargs=argparse.REMAINDER, help="bundled guest: commands to run")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from ..machine.machine import Machine, MachineConfig, parse_size
+def run_config(args: argparse.Namespace) -> "VmConfig":
+    """The VmConfig that ``kvmkit run``'s options describe."""
+    from ..machine.config import VmConfig, parse_cpuid_clear, parse_serial_specs, parse_size
 
-    cfg = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, serial=_serial_specs(args.serial),
-                        serial_fifo=not args.serial_nofifo, serial_pace=args.serial_pace,
-                        stats=args.stats, quirks=args.quirks, cpuid_clear=_cpuid_clear(args.cpuid_clear))
-    machine = Machine(cfg)  # KVM problems first: they are the most basic
+    script = " ".join(w for w in args.script if w != "--").strip() or None
+    return VmConfig(kernel=Path(args.kernel) if args.kernel else None, initrd=Path(args.initrd) if args.initrd else None,
+                    cmdline=args.append, script=script, mem_size=parse_size(args.mem), cpus=args.cpus,
+                    serial=parse_serial_specs(args.serial), serial_fifo=not args.serial_nofifo,
+                    serial_pace=args.serial_pace, quirks=args.quirks, cpuid_clear=parse_cpuid_clear(args.cpuid_clear))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..machine.machine import Machine
+
+    machine = Machine(run_config(args))  # KVM problems first: they are the most basic
     try:
-        if args.kernel:
-            kernel = _read(args.kernel, "kernel")
-            cmdline = args.append if args.append is not None else "console=ttyS0"
-            if args.script:
-                raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")
-        else:
-            from ..boot.bundled import bundled_guest
-            kernel = bundled_guest().read_bytes()
-            cmdline = args.append if args.append is not None else "console=ttyS0"
-            script = " ".join(w for w in args.script if w != "--").strip()
-            if script:
-                cmdline += " -- " + script
-        initrd = _read(args.initrd, "initrd") if args.initrd else None
-    except BaseException:
-        machine.close()
-        raise
-    try:
-        machine.boot(kernel, initrd, cmdline)
+        machine.load()
         for port in machine.serial_ports:
             name = getattr(port.backend, "slave_name", "")
             if name:
@@ -116,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_data = [s.as_dict() for s in machine.exit_stats()] if args.stats_json else None
         kstats = machine.in_kernel_stats() if args.stats_json else None
         message = machine.stop_message
-        quirk_text = machine.quirks.summary()
+        quirk_text = machine.quirks.summary() if machine.quirks is not None else ""
         status = machine.status if machine.status is not None else 1
         machine.close()
     if message and (status != 0 or args.verbose or args.stats):
@@ -128,17 +87,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps({"status": status, "vcpus": stats_data, "kvm": kstats}, indent=2))
     return status
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KvmkitError(f"{what} file {path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise KvmkitError(f"{what} {path} is a directory, not a file; give the image file.") from None
-    except PermissionError:
-        raise KvmkitError(f"cannot read {what} file {path}: permission denied.") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

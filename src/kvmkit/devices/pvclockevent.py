@@ -2,8 +2,8 @@
 
 The register model only. It knows nothing of timerfds, eventfds or KVM: it
 decides "arm the host timer at host time T", "disarm" or "raise the
-interrupt now" and says so through :class:`PvClockHost` callbacks, which
-``kvmkit.machine.pvtimer`` implements with a timerfd, an irqfd and an
+interrupt now" and says so through :class:`PvClockEventHost` callbacks, which
+``kvmkit.machine.pvclockevent`` implements with a timerfd, an irqfd and an
 ioeventfd. The ABI is specified in ``docs/pv-clockevent.md``; the constants
 below are its register map.
 
@@ -15,7 +15,7 @@ two readings of its clock, the host stamps the write: delta is known to
 within half the bracket).
 
 Thread safety: register accesses come from a vCPU thread, expiries and
-doorbells from the host timer thread; one lock serialises them. Callbacks
+doorbells from the host event loop; one lock serialises them. Callbacks
 are made with the lock held, so they must not call back into the model.
 """
 
@@ -84,7 +84,7 @@ _FENCE = threading.Lock()
 _REGS64 = (REG_DEADLINE, REG_SYNC, REG_SYNC_END, REG_SHARED_GPA)  # writable 64-bit registers
 
 
-class PvClockHost(Protocol):
+class PvClockEventHost(Protocol):
     """What the model asks of the host side (all called with the model's lock held)."""
 
     def now(self) -> int:
@@ -122,7 +122,7 @@ class GuestRam(Protocol):
 class PvClockEvent:
     """One vCPU's register window."""
 
-    def __init__(self, host: PvClockHost, mem: GuestRam | None = None, *, tsc_khz: int = 0,
+    def __init__(self, host: PvClockEventHost, mem: GuestRam | None = None, *, tsc_khz: int = 0,
                  doorbell_in_kernel: bool = False) -> None:
         self.host = host
         self.mem = mem
@@ -264,7 +264,7 @@ class PvClockEvent:
             self._shm_q = self._shm_i = None
             view = getattr(self.mem, "view", None)
             if value and view is not None:
-                try:  # zero-copy: the host thread reads the block on every event
+                try:  # zero-copy: the host loop reads the block on every event
                     raw = view(value, SHM_SIZE)
                     self._shm_q, self._shm_i = raw.cast("Q"), raw.cast("I")
                 except Exception:

@@ -5,7 +5,9 @@ probes for the FIFO (IIR bits 7:6), tests that THRE re-asserts when its
 interrupt is re-enabled, and fills the transmit FIFO 16 bytes per interrupt.
 A model that transmits one byte per interrupt, or never re-raises THRE,
 drives the driver into "too much work for irq 4" or into its slow timer
-fallback (UART_BUG_THRE). See /work/shared/seed/000_e2bbf927f4d6076c.txt.
+fallback (UART_BUG_THRE): the complaint of the mail this project grew from
+("Re: [patch 0/3] kvm tool: Serial emulation overhaul", Thomas Gleixner,
+LKML, 12 December 2011; docs/architecture.md).
 
 What this model deliberately simplifies for a VMM:
 
@@ -34,16 +36,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
-from kvmkit.devices.base import IrqCallback, no_irq
-
-__all__ = ["Uart16550", "UartStats", "FIFO_SIZE", "CLOCK_HZ", "RESET_DIVISOR"]
+__all__ = ["Uart16550", "UartHost", "UartStats", "FIFO_SIZE", "CLOCK_HZ", "RESET_DIVISOR", "REGISTER_SPAN"]
 
 FIFO_SIZE = 16
 CLOCK_HZ = 1_843_200
 """The PC's UART crystal; the baud rate is CLOCK_HZ / (16 * divisor)."""
 RESET_DIVISOR = 12
+
+REGISTER_SPAN = 8  # eight consecutive I/O ports
 
 # Register offsets (DLAB=0 names first; DLL/DLM when LCR.DLAB=1).
 RBR = THR = DLL = 0
@@ -108,6 +110,35 @@ MSR_DELTAS = 0x0F
 _ERR_SHIFT = 8
 
 
+class UartHost(Protocol):
+    """What the UART tells its host side. Called with the model's caller's lock held: do not re-enter."""
+
+    def set_irq(self, level: bool) -> None:
+        """The interrupt output changed level (only on a change)."""
+        ...
+
+    def tx_started(self) -> None:
+        """The transmit FIFO went from empty to non-empty: schedule a take_tx()."""
+        ...
+
+    def rx_space(self) -> None:
+        """The receive FIFO has room again after a read: more input may be offered."""
+        ...
+
+
+class _NoHost:
+    """A UART connected to nothing (tests and the FIFO-less comparison device)."""
+
+    def set_irq(self, level: bool) -> None:
+        pass
+
+    def tx_started(self) -> None:
+        pass
+
+    def rx_space(self) -> None:
+        pass
+
+
 @dataclass
 class UartStats:
     """Counters for measuring how the guest drives the port.
@@ -134,18 +165,9 @@ class Uart16550:
     emulated, kept for comparison benchmarks.
     """
 
-    def __init__(
-        self,
-        irq: IrqCallback = no_irq,
-        *,
-        fifo: bool = True,
-        on_tx: Callable[[], None] | None = None,
-        on_rx_space: Callable[[], None] | None = None,
-    ) -> None:
-        self._irq = irq
+    def __init__(self, host: UartHost | None = None, *, fifo: bool = True) -> None:
+        self.host: UartHost = host if host is not None else _NoHost()
         self.has_fifo = fifo
-        self._on_tx = on_tx
-        self._on_rx_space = on_rx_space
         self.stats = UartStats()
         self._level = False
         # External modem inputs (True = asserted), as the host sets them.
@@ -245,7 +267,7 @@ class Uart16550:
                     self.stats.rx_interrupts += 1
                 else:
                     self.stats.other_interrupts += 1
-            self._irq(level)
+            self.host.set_irq(level)
 
     # ------------------------------------------------------------ guest side
 
@@ -353,8 +375,8 @@ class Uart16550:
             return
         tx.append(value)
         self._update()
-        if len(tx) == 1 and self._on_tx is not None:
-            self._on_tx()
+        if len(tx) == 1:
+            self.host.tx_started()
 
     def _write_ier(self, value: int) -> None:
         value &= 0x0F
@@ -511,7 +533,7 @@ class Uart16550:
     def receive(self, data: bytes) -> int:
         """Host to guest: deliver bytes; returns how many were taken (never overruns).
 
-        The caller keeps the rest and offers it again after ``on_rx_space``,
+        The caller keeps the rest and offers it again after ``UartHost.rx_space``,
         which fires once the guest frees space after a refusal or after this
         call filled the FIFO exactly (a host that reads only ``rx_space()``
         bytes from its input never sees a refusal).
@@ -575,8 +597,7 @@ class Uart16550:
     def _notify_rx_space(self) -> None:
         if self.rx_space() > 0:
             self._rx_blocked = False
-            if self._on_rx_space is not None:
-                self._on_rx_space()
+            self.host.rx_space()
 
     # -------------------------------------------------------------- helpers
 

@@ -19,14 +19,26 @@ from .terminal import EscapeFilter, RawTerminal
 
 
 class Backend:
-    """Base: no input, output discarded."""
+    """Base: no input, output discarded.
+
+    A backend that waits for clients (a listening socket) names the fd to
+    watch in ``listen_fd`` and takes a client in :meth:`accept`; with
+    ``reconnects`` an end of input means "this client left", not "input is
+    over for good".
+    """
 
     name = "none"
     input_fd: int | None = None
     output_fd: int | None = None
+    listen_fd: int | None = None
+    reconnects = False
 
     def open(self) -> None:
         pass
+
+    def accept(self) -> bool:
+        """Take a waiting client; True when one is now connected."""
+        return False
 
     def read(self, n: int) -> bytes | None:
         """Up to n bytes; b"" at end of input; None when nothing is available now."""
@@ -146,6 +158,8 @@ class PtyBackend(FdBackend):
 class UnixSocketBackend(FdBackend):
     """A listening Unix socket; the first client to connect is the console."""
 
+    reconnects = True
+
     def __init__(self, path: str) -> None:
         super().__init__(None, None, f"unix:{path}")
         self.path = path
@@ -166,6 +180,7 @@ class UnixSocketBackend(FdBackend):
         s.listen(1)
         s.setblocking(False)
         self.listener = s
+        self.listen_fd = s.fileno()
 
     def accept(self) -> bool:
         if self.listener is None or self.conn is not None:
@@ -209,6 +224,7 @@ class UnixSocketBackend(FdBackend):
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            self.listen_fd = None
             try:
                 os.unlink(self.path)
             except OSError:
@@ -229,16 +245,31 @@ class SocketPairBackend(FdBackend):
         self._sock.close()
 
 
-def parse_backend(spec: str, on_command: Callable[[str], None]) -> Backend:
-    """``stdio``, ``file:PATH``, ``unix:PATH``, ``pty``, ``none`` -> a backend."""
+SERIAL_BACKENDS = "stdio, file:PATH, unix:PATH, pty, none or off"
+
+
+def backend_kind(spec: str) -> str:
+    """What a ``--serial`` spec names: stdio, none, off, pty, file or unix; one sentence if nothing."""
     if spec in ("stdio", "term", "terminal"):
+        return "stdio"
+    if spec in ("none", "null"):
+        return "none"
+    if spec in ("off", "pty"):
+        return spec
+    if spec.startswith(("file:", "unix:")) and len(spec) > 5:
+        return spec[:4]
+    raise KvmkitError(f"unknown serial backend {spec!r}; use {SERIAL_BACKENDS}.")
+
+
+def parse_backend(spec: str, on_command: Callable[[str], None]) -> Backend:
+    """``stdio``, ``file:PATH``, ``unix:PATH``, ``pty``, ``none`` (or ``off``) -> a backend, not yet opened."""
+    kind = backend_kind(spec)
+    if kind == "stdio":
         return StdioBackend(on_command)
-    if spec in ("none", "null", "off"):
-        return NullBackend()
-    if spec == "pty":
+    if kind == "pty":
         return PtyBackend()
-    if spec.startswith("file:") and len(spec) > 5:
+    if kind == "file":
         return FileBackend(spec[5:])
-    if spec.startswith("unix:") and len(spec) > 5:
+    if kind == "unix":
         return UnixSocketBackend(spec[5:])
-    raise KvmkitError(f"unknown serial backend {spec!r}; use stdio, file:PATH, unix:PATH, pty or none.")
+    return NullBackend()

@@ -25,9 +25,11 @@ _libc_ioctl.restype = ctypes.c_int
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 # The same function without argtypes, for KVM_RUN only: its arguments are
 # small ints and NULL, and skipping argument conversion saves ~0.2 us on
-# every exit (the hot path, see benchmarks/exit_cost.py).
-_libc_run = ctypes.CDLL(None, use_errno=True).ioctl
-_libc_run.restype = ctypes.c_int
+# every exit (the hot path, see benchmarks/exit_cost.py). Public because the
+# vCPU loop calls it directly, as ``run_ioctl(vcpu.fd, KVM_RUN, None)``: a
+# bound-method call per exit would cost as much again.
+run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
+run_ioctl.restype = ctypes.c_int
 
 _NAMES = {v: k for k, v in vars(c).items() if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
 _NAMES.update({c.KVM_RUN: "KVM_RUN", c.KVM_CREATE_VCPU: "KVM_CREATE_VCPU", c.KVM_CREATE_IRQCHIP: "KVM_CREATE_IRQCHIP",
@@ -104,6 +106,12 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, c.KVM_CHECK_EXTENSION, int(cap))
+
+    def require(self, needs: dict[c.Cap, str]) -> None:
+        """Raise one sentence for the first capability (with what it is for) this host lacks."""
+        for cap, what in needs.items():
+            if not self.check_extension(cap):
+                raise KvmUnavailable(f"this host's KVM lacks {what} (KVM_CAP_{cap.name}); kvmkit needs a newer host kernel.")
 
     def supported_cpuid(self, max_entries: int = 256) -> list[s.kvm_cpuid_entry2]:
         """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits (E2BIG)."""
@@ -215,6 +223,13 @@ class Vm:
     def stats_fd(self) -> int:
         return _ioctl(self.fd, c.KVM_GET_STATS_FD)
 
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM: the TSC frequency new vCPUs get (0 when this KVM cannot say)."""
+        try:
+            return _ioctl(self.fd, c.KVM_GET_TSC_KHZ)
+        except KvmError:
+            return 0
+
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
         fd = _ioctl(self.fd, c.KVM_CREATE_VCPU, vcpu_id)
         vcpu = Vcpu(self, vcpu_id, fd)
@@ -249,7 +264,7 @@ class Vcpu:
 
     def kvm_run(self) -> int:
         """One KVM_RUN; returns 0, or -errno for EINTR/EAGAIN (a kick), raises otherwise."""
-        ret = _libc_run(self.fd, c.KVM_RUN, None)
+        ret = run_ioctl(self.fd, c.KVM_RUN, None)
         if ret < 0:
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):

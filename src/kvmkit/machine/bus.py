@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..devices.base import BusDevice
+from ..errors import KvmkitError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Mapping:
         return self.base + self.size
 
 
-class BusConflict(ValueError):
+class BusConflict(KvmkitError):
     """Two devices claim overlapping windows (a wiring bug in the machine)."""
 
 
@@ -62,6 +63,14 @@ class Bus:
         self._bases.insert(i, base)
         self._cache.clear()
 
+    def unregister(self, base: int) -> None:
+        """Remove the window starting at ``base`` (a PCI BAR the guest moved or turned off)."""
+        i = bisect.bisect_left(self._bases, base)
+        if i < len(self._bases) and self._bases[i] == base:
+            del self._maps[i]
+            del self._bases[i]
+            self._cache.clear()
+
     def mappings(self) -> list[Mapping]:
         return list(self._maps)
 
@@ -82,6 +91,15 @@ class Bus:
         if m is not None and addr + size <= m.end:
             return m
         return None
+
+    def summary(self) -> str:
+        """One line for ``--stats`` when the guest touched unclaimed addresses or a device failed; else ""."""
+        if not (self.unclaimed_reads or self.unclaimed_writes or self.device_errors):
+            return ""
+        top = sorted(self.unclaimed.items(), key=lambda kv: -kv[1])[:5]
+        return (f"{self.name}: {self.unclaimed_reads} unclaimed reads, {self.unclaimed_writes} unclaimed writes"
+                + (f", {self.device_errors} device errors" if self.device_errors else "")
+                + (" (" + ", ".join(f"{a:#x}x{n}" for a, n in top) + ")" if top else ""))
 
     def _count_unclaimed(self, addr: int) -> None:
         self.unclaimed[addr] = self.unclaimed.get(addr, 0) + 1
@@ -121,3 +139,18 @@ class Bus:
         except Exception:
             self.device_errors += 1
             log.exception("%s: %s write at %#x size %d raised", self.name, m.name, addr, size)
+
+
+class OffsetWindow:
+    """One register of a device that spans several separate ports, at a fixed offset inside it
+    (the i8042's data port 0x60 and command port 0x64 are one device)."""
+
+    def __init__(self, device: BusDevice, offset: int) -> None:
+        self.device = device
+        self.offset = offset
+
+    def io_read(self, offset: int, size: int) -> int:
+        return self.device.io_read(self.offset + offset, size)
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        self.device.io_write(self.offset + offset, size, value)

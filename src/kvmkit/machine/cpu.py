@@ -1,4 +1,4 @@
-"""vCPU state at reset: CPUID table, MSRs and the 64-bit boot register state.
+"""vCPU state at reset: CPUID table and the 64-bit boot register state.
 
 Linux's 64-bit boot protocol (Documentation/arch/x86/boot.rst) enters the
 kernel in long mode with paging on, an identity map covering the kernel,
@@ -9,73 +9,33 @@ there is one path to test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
+from ..boot.linux import BOOT_CODE_SEGMENT, BOOT_DATA_SEGMENT, BootInfo, SegmentInfo
 from ..kvm import structs as s
 from ..kvm.system import Vcpu
-
-# Control register and EFER bits (Intel SDM vol. 3, 2.5 and 2.2.1).
-CR0_PE = 1 << 0
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_AM = 1 << 18
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
-
-MSR_IA32_MISC_ENABLE = 0x1A0
-MISC_ENABLE_FAST_STRING = 1 << 0
+from ..x86 import CPUID1_ECX_HYPERVISOR, CPUID1_EDX_HTT, CR0_PE, CR0_PG, RFLAGS_FIXED
 
 
-@dataclass(frozen=True)
-class LongModeEntry:
-    """Register state for a 64-bit entry, as plain numbers (from the boot loader)."""
-
-    rip: int
-    rsi: int
-    cr3: int
-    gdt_base: int
-    gdt_limit: int
-    code_selector: int = 0x10
-    data_selector: int = 0x18
-    rsp: int = 0
-    cr0: int = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG
-    cr4: int = CR4_PAE
-    efer: int = EFER_LME | EFER_LMA
-
-
-def flat_segment(selector: int, code: bool) -> s.kvm_segment:
-    """A flat 4 GiB ring-0 segment: 64-bit code, or read/write data."""
+def kvm_segment(info: SegmentInfo) -> s.kvm_segment:
+    """A segment register's hidden part for KVM_SET_SREGS, from the loader's description."""
     seg = s.kvm_segment()
-    seg.base = 0
-    seg.limit = 0xFFFFFFFF
-    seg.selector = selector
-    seg.present = 1
-    seg.dpl = 0
-    seg.s = 1
-    seg.g = 1
-    if code:
-        seg.type = 0xB  # execute/read, accessed
-        seg.l = 1
-        seg.db = 0
-    else:
-        seg.type = 0x3  # read/write, accessed
-        seg.db = 1
+    for name in ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l", "g", "avl"):
+        setattr(seg, name, getattr(info, name))
     return seg
 
 
-def set_long_mode(vcpu: Vcpu, entry: LongModeEntry) -> None:
-    """Put a vCPU at a 64-bit entry point with the given tables already in guest RAM."""
+def flat_segment(selector: int, code: bool) -> s.kvm_segment:
+    """A flat 4 GiB ring-0 segment, 64-bit code or read/write data, with ``selector``:
+    the boot protocol's segments, also what SYSCALL loads from STAR."""
+    return kvm_segment(replace(BOOT_CODE_SEGMENT if code else BOOT_DATA_SEGMENT, selector=selector))
+
+
+def set_long_mode(vcpu: Vcpu, entry: BootInfo) -> None:
+    """Put a vCPU at the 64-bit entry the loader prepared (its tables are already in guest RAM)."""
     sregs = vcpu.get_sregs()
-    sregs.cs = flat_segment(entry.code_selector, True)
-    data = flat_segment(entry.data_selector, False)
+    sregs.cs = kvm_segment(entry.code_segment)
+    data = kvm_segment(entry.data_segment)
     sregs.ds = data
     sregs.es = data
     sregs.fs = data
@@ -92,14 +52,8 @@ def set_long_mode(vcpu: Vcpu, entry: LongModeEntry) -> None:
     regs.rip = entry.rip
     regs.rsi = entry.rsi
     regs.rsp = entry.rsp
-    regs.rflags = 0x2  # bit 1 is reserved-set; interrupts off at entry
+    regs.rflags = entry.rflags
     vcpu.set_regs(regs)
-
-
-# CPUID feature bits (leaf 1 ECX).
-CPUID1_ECX_CX16 = 1 << 13
-CPUID1_ECX_X2APIC = 1 << 21
-CPUID1_ECX_HYPERVISOR = 1 << 31
 
 
 def build_cpuid(supported: list[s.kvm_cpuid_entry2], apic_id: int, ncpus: int,
@@ -116,7 +70,7 @@ def build_cpuid(supported: list[s.kvm_cpuid_entry2], apic_id: int, ncpus: int,
             e.ebx = (e.ebx & 0x0000FFFF) | (min(ncpus, 255) << 16) | ((apic_id & 0xFF) << 24)
             e.ecx |= CPUID1_ECX_HYPERVISOR
             if ncpus > 1:
-                e.edx |= 1 << 28  # HTT: the logical processor count in EBX is valid
+                e.edx |= CPUID1_EDX_HTT
         elif e.function in (0xB, 0x1F):
             e.edx = apic_id
         if clear:
@@ -141,5 +95,5 @@ def set_real_mode(vcpu: Vcpu, ip: int, cs: int = 0, sp: int = 0x8000) -> None:
     regs = s.kvm_regs()
     regs.rip = ip
     regs.rsp = sp
-    regs.rflags = 0x2
+    regs.rflags = RFLAGS_FIXED
     vcpu.set_regs(regs)

@@ -1,100 +1,58 @@
-"""A VM wired together: memory, buses, devices, vCPU threads and the host loop.
+"""A VM wired together from a :class:`VmConfig`: memory, buses, devices, vCPU threads, the host loop.
 
-This is the one place that knows the machine's shape (what sits at which
-port or address); devices know nothing of each other, and the vCPU loop
-knows only buses. A machine stops exactly once, through
-:meth:`Machine.request_stop`, whoever asks (a guest poweroff, a reset, a
-VMM error, Ctrl-A x, SIGINT, SIGTERM): every vCPU is kicked out of KVM_RUN
-with ``immediate_exit`` plus a signal, the host loop is stopped and the
-terminal is restored.
+The machine is assembly only. What sits where comes from the PC map
+(machine/pc.py); how the VM stops, from the lifecycle (machine/lifecycle.py);
+the kernel command line, from the builder (machine/cmdline.py); what runs
+the guest, from the vCPU runners (machine/vcpu.py), which see two buses and
+the lifecycle and nothing of this class. docs/architecture.md draws it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
-import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
 
-from ..devices.cmos import CMOS_INDEX, Cmos
+from ..boot.linux import BootInfo, load_linux, open_kernel
+from ..devices.cmos import Cmos
 from ..devices.cmos import memory_bytes as cmos_memory_bytes
-from ..devices.misc import EXIT_PORT, I8042, ExitPort, PortSink
+from ..devices.misc import I8042, ExitPort, PortSink
 from ..errors import KvmkitError
 from ..host.backends import Backend, parse_backend
+from ..host.files import read_user_file
 from ..host.loop import EventLoop
-from ..kvm.constants import KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, Cap
-from ..kvm.system import Kvm, KvmError, Vcpu, Vm
-from ..memory import GuestMemory
+from ..kvm.constants import Cap
+from ..kvm.system import Kvm, KvmError, Vm
+from ..memory import MiB, GuestMemory
 from ..profile.exits import VcpuExitStats, format_exit_table
 from ..profile.kvmstats import StatsReader
-from .bus import Bus
-from .cpu import LongModeEntry, build_cpuid, set_long_mode
-from .irq import IrqLine
-from .quirks import make_quirks
+from .bus import Bus, OffsetWindow
+from .cmdline import build_cmdline
+from .config import VmConfig
+from .cpu import build_cpuid, set_long_mode
+from .irq import GsiRoutes, IrqLine
+from .lifecycle import EXIT_PORT, QUIT, RESET, Lifecycle, Outcome, PoweroffWatch, require_kick_handler
+from .pc import I8042_COMMAND, I8042_DATA, IDENTITY_MAP_ADDR, TSS_ADDR, PcMap
+from .pvclockevent import PvClockEvents
+from .quirks import Quirks, make_quirks
 from .serial import SerialPort
 from .vcpu import VcpuRunner
 
-if TYPE_CHECKING:
-    from ..boot.linux import BootInfo
-
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
-
-# Addresses KVM needs for its own use on Intel hosts: three pages for the
-# real-mode TSS and one for the identity map, just below the BIOS area.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
-
-# COM1..COM4: (I/O base, ISA IRQ), as every PC BIOS assigns them.
-COM_PORTS = [(0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3)]
-
-KICK_SIGNAL = signal.SIGUSR1
-WATCH_INTERVAL = 1.0  # seconds between kicks when a kick hook wants to look at the vCPUs
-RFLAGS_IF = 1 << 9
-
-
-def _install_kick_handler() -> bool:
-    """A no-op handler, so a signal sent to a vCPU thread interrupts KVM_RUN (EINTR)."""
-    if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-    return True
-
-
-@dataclass
-class MachineConfig:
-    mem_size: int = 256 * MiB
-    cpus: int = 1
-    serial: list[str] = field(default_factory=lambda: ["stdio", "none", "none", "none"])
-    serial_fifo: bool = True
-    serial_pace: bool = False
-    stats: bool = False
-    # The in-kernel PIC/IOAPIC/LAPIC and PIT. Without them HLT exits to user
-    # space (KVM_EXIT_HLT) and no interrupt can be delivered: only for tiny
-    # test guests.
-    irqchip: bool = True
-    cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
-    quirks: str = "auto"  # host quirk profile: auto, nested-pvm, none (machine/quirks.py)
-    pv_timer: bool = True  # paravirtual clock event device (docs/pv-clockevent.md); needs irqchip
+# What kvmkit cannot run without, with the words a user needs.
+REQUIRED_CAPS = {Cap.IRQCHIP: "an in-kernel irqchip", Cap.USER_MEMORY: "user memory slots",
+                 Cap.IRQFD: "irqfd", Cap.PIT2: "an in-kernel PIT"}
 
 
 class Machine:
-    """One VM. Build it, :meth:`boot` something into it, :meth:`run` it."""
+    """One VM. Build it from a config, :meth:`load` its kernel, :meth:`run` it."""
 
-    def __init__(self, config: MachineConfig, backends: list[Backend] | None = None) -> None:
-        if config.cpus < 1 or config.cpus > 255:
-            raise KvmkitError(f"--cpus {config.cpus} is out of range; choose 1 to 255.")
+    def __init__(self, config: VmConfig, backends: list[Backend | None] | None = None) -> None:
+        """``backends`` (one per COM port, None = no port) replaces the config's serial specs:
+        the Python API hands in socket pairs."""
         self.config = config
-        self.stopping = False
-        self.status: int | None = None
-        self.stop_message = ""
-        self.reset_requested = False
-        self._stop_lock = threading.Lock()
-        self._done = threading.Event()
-        self.on_stop: list[Callable[[int, str], None]] = []
+        self.pc = PcMap(config)
+        self.lifecycle = Lifecycle()
         self.kvm = Kvm()
         self.vm: Vm | None = None
         self.mem: GuestMemory | None = None
@@ -103,9 +61,12 @@ class Machine:
         self.loop = EventLoop()
         self.pio_bus = Bus("pio", 0x10000)
         self.mmio_bus = Bus("mmio", 1 << 52)
+        self.irq_lines: dict[int, IrqLine] = {}
         self.kvm_stats: dict[int, StatsReader] = {}
-        self._watch_halt = False
-        self._halted: dict[int, bool] = {}
+        self.pvclockevent: PvClockEvents | None = None
+        self.quirks: Quirks | None = None
+        self.boot_info: BootInfo | None = None
+        self._watch_poweroff = False
         try:
             self._build(backends)
         except BaseException:
@@ -113,13 +74,10 @@ class Machine:
             raise
 
     # --- construction --------------------------------------------------------
-    def _build(self, backends: list[Backend] | None) -> None:
+    def _build(self, backends: list[Backend | None] | None) -> None:
         cfg = self.config
         kvm = self.kvm
-        for cap, what in ((Cap.IRQCHIP, "an in-kernel irqchip"), (Cap.USER_MEMORY, "user memory slots"),
-                          (Cap.IRQFD, "irqfd"), (Cap.PIT2, "an in-kernel PIT")):
-            if not kvm.check_extension(cap):
-                raise KvmkitError(f"this host's KVM lacks {what} (KVM_CAP_{cap.name}); kvmkit needs a newer host kernel.")
+        kvm.require(REQUIRED_CAPS)
         self.vm = vm = kvm.create_vm()
         try:
             vm.set_tss_addr(TSS_ADDR)
@@ -140,18 +98,20 @@ class Machine:
                 vm.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
             except KvmError:
                 pass
-        self.irq_lines: dict[int, IrqLine] = {}
+        self.gsi_routes = GsiRoutes(vm.set_gsi_routing)
         self._build_devices(backends)
-        supported = kvm.supported_cpuid()
-        self.quirks = make_quirks(cfg.quirks, self)
+        self.quirks = make_quirks(cfg.quirks, cpus=cfg.cpus, mem=self.mem, tsc_khz=vm.get_tsc_khz())
         cpuid_clear = dict(self.quirks.cpuid_clear())
         for key, bits in cfg.cpuid_clear.items():
             cpuid_clear[key] = cpuid_clear.get(key, 0) | bits
+        supported = kvm.supported_cpuid()
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
             vcpu.set_cpuid2(build_cpuid(supported, i, cfg.cpus, cpuid_clear))
-            self.runners.append(VcpuRunner(self, vcpu))
-            self.quirks.install(self.runners[-1])
+            runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.lifecycle, self.mem.read_available)
+            self.lifecycle.add(runner)
+            self.quirks.install(runner)
+            self.runners.append(runner)
             try:
                 self.kvm_stats[i] = StatsReader(vcpu.stats_fd())
             except (KvmError, OSError):
@@ -165,39 +125,44 @@ class Machine:
             line = self.irq_lines[gsi] = IrqLine(gsi, setter)
         return line
 
-    def _build_devices(self, backends: list[Backend] | None) -> None:
+    def _place(self, name: str, device: object) -> None:
+        p = self.pc[name]
+        bus = self.pio_bus if p.space == "pio" else self.mmio_bus
+        bus.register(p.base, p.size, device, name)  # type: ignore[arg-type]
+
+    def _build_devices(self, backends: list[Backend | None] | None) -> None:
         cfg = self.config
-        self.exit_port = ExitPort(lambda v: self.request_stop(v, f"guest wrote {v} to the exit port"))
-        self.pio_bus.register(EXIT_PORT, 1, self.exit_port, "exit-port")
-        self.i8042 = I8042(lambda: self.request_stop(0, "guest requested a reset (i8042)", reset=True))
-        self.pio_bus.register(0x60, 1, _Window(self.i8042, 0), "i8042-data")
-        self.pio_bus.register(0x64, 1, _Window(self.i8042, 4), "i8042-cmd")
+        assert self.mem is not None and self.vm is not None
+        stop = self.lifecycle.stop
+        self.exit_port = ExitPort(lambda v: stop(v, f"guest wrote {v} to the exit port", EXIT_PORT))
+        self._place("exit-port", self.exit_port)
+        self.i8042 = I8042(lambda: stop(0, "guest requested a reset (i8042)", RESET))
+        self._place("i8042-data", OffsetWindow(self.i8042, 0))
+        self._place("i8042-cmd", OffsetWindow(self.i8042, I8042_COMMAND - I8042_DATA))
         self.post = PortSink()
-        self.pio_bus.register(0x80, 1, self.post, "post")
-        assert self.mem is not None
+        self._place("post", self.post)
         low = sum(r.size for r in self.mem.regions if r.gpa < 1 << 32)
         self.cmos = Cmos(nvram=cmos_memory_bytes(low, self.mem.size - low, cfg.cpus))
-        self.pio_bus.register(CMOS_INDEX, 2, self.cmos, "cmos")
-        self.pv_timer = None  # kvmkit.machine.pvtimer.PvTimer
-        if cfg.pv_timer and cfg.irqchip:
-            from .pvtimer import PvTimer
-            self.pv_timer = PvTimer(self, cfg.cpus)
-        for idx, (base, irq) in enumerate(COM_PORTS):
+        self._place("cmos", self.cmos)
+        if self.pc.has_pv_clockevent:
+            self.pvclockevent = PvClockEvents(self.vm, self.mem, self.pc, self.mmio_bus, self.loop, self.gsi_routes)
+        for idx, p in self.pc.serial_ports():
             if backends is not None:
                 backend = backends[idx] if idx < len(backends) else None
+                if backend is None:
+                    continue
             else:
-                spec = cfg.serial[idx] if idx < len(cfg.serial) else "none"
-                backend = None if spec == "off" else parse_backend(spec, self._escape_command)
-            if backend is None:
-                continue
-            port = SerialPort(f"COM{idx + 1}", self.loop, backend, self.irq_line(irq).source(), fifo=cfg.serial_fifo,
+                backend = parse_backend(cfg.serial[idx], self._console_command)
+            assert p.irq is not None
+            port = SerialPort(p.name, self.loop, backend, self.irq_line(p.irq).source(), fifo=cfg.serial_fifo,
                               pace=cfg.serial_pace)
-            self.pio_bus.register(base, 8, port, f"COM{idx + 1}")
+            self._place(p.name, port)
             self.serial_ports.append(port)
 
-    def _escape_command(self, cmd: str) -> None:
+    def _console_command(self, cmd: str) -> None:
+        """A Ctrl-A command typed on the terminal (host/terminal.py)."""
         if cmd == "quit":
-            self.request_stop(0, "quit from the console (Ctrl-A x)")
+            self.lifecycle.stop(0, "quit from the console (Ctrl-A x)", QUIT)
         elif cmd == "stats":
             # The vCPU loops keep their tallies locally and hand them over
             # when kicked: kick, then print once they have.
@@ -209,142 +174,97 @@ class Machine:
 
     def _console_note(self, text: str) -> None:
         if self.serial_ports:
-            port = self.serial_ports[0]
-            with port.lock:
-                port.outbuf += ("\r\n" + text.replace("\n", "\r\n") + "\r\n").encode()
-            self.loop.call_soon(port._flush_output)
+            self.serial_ports[0].host_note(text)
 
     # --- loading ---------------------------------------------------------------
-    def boot(self, kernel: bytes, initrd: bytes | None = None, cmdline: str = "") -> "BootInfo":
-        """Load a bzImage or ELF kernel (Linux or the bundled guest) and point vCPU 0 at it."""
-        from ..boot.bzimage import is_bzimage
-        from ..boot.elf import is_elf, linux_banner
-        from ..boot.linux import load_linux
-        assert self.mem is not None
-        is_linux = is_bzimage(kernel) or (is_elf(kernel) and linux_banner(kernel) is not None)
-        if is_linux:
-            cmdline = self.quirks.linux_cmdline(cmdline)
-            self._watch_halt = True  # poweroff without ACPI: Linux halts with interrupts off
-        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=self.config.cpus)
+    def load(self) -> BootInfo:
+        """Load the configured kernel (or the bundled guest), initrd and command line; point vCPU 0 at it."""
+        cfg = self.config
+        assert self.mem is not None and self.quirks is not None
+        if cfg.kernel is None:
+            from ..boot.bundled import bundled_guest
+            image = read_user_file(bundled_guest(), "bundled guest", cfg.mem_size)
+        else:
+            image = read_user_file(cfg.kernel, "kernel", cfg.mem_size)
+        initrd = read_user_file(cfg.initrd, "initrd", cfg.mem_size) if cfg.initrd is not None else None
+        kernel = open_kernel(image)
+        cmdline = build_cmdline(cfg.cmdline, linux=kernel.is_linux, pci=False,
+                                quirk_params=self.quirks.cmdline_params() if kernel.is_linux else (),
+                                script=cfg.script)
+        # Poweroff without ACPI: Linux halts with interrupts off on every CPU.
+        self._watch_poweroff = kernel.is_linux
+        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus)
         self.boot_info = info
-        self.set_entry(LongModeEntry(
-            rip=info.rip, rsi=info.rsi, cr3=info.cr3, gdt_base=info.gdt_base, gdt_limit=info.gdt_limit,
-            code_selector=info.code_selector, data_selector=info.data_selector, rsp=info.rsp,
-            cr0=info.cr0, cr4=info.cr4, efer=info.efer))
+        set_long_mode(self.runners[0].vcpu, info)
         return info
 
-    # --- guest halted for good (poweroff -f without ACPI) -----------------------------
+    # --- running and stopping ------------------------------------------------------
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.lifecycle.outcome
+
+    @property
+    def status(self) -> int | None:
+        o = self.lifecycle.outcome
+        return o.status if o is not None else None
+
+    @property
+    def stop_message(self) -> str:
+        o = self.lifecycle.outcome
+        return o.message if o is not None else ""
+
+    @property
+    def reset_requested(self) -> bool:
+        o = self.lifecycle.outcome
+        return o is not None and o.reset
+
+    @property
+    def stopping(self) -> bool:
+        return self.lifecycle.stopping
+
+    def request_stop(self, status: int, message: str = "") -> None:
+        """Stop the machine with an exit status; the first request wins. Safe from any thread."""
+        self.lifecycle.stop(status, message)
+
     def kick_all(self) -> None:
         """Bring every vCPU out of KVM_RUN once (it re-enters at once): hooks run, tallies are flushed."""
-        for runner in self.runners:
-            t = runner.thread
-            if t is not None and t.is_alive() and t.ident is not None and t is not threading.current_thread():
-                try:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
-
-    def _watch_kicks(self) -> None:
-        """Kick every vCPU out of KVM_RUN now and then, so kick hooks can look at it."""
-        while not self._done.wait(WATCH_INTERVAL):
-            self.kick_all()
-
-    def _check_halted(self, vcpu: Vcpu) -> None:
-        """Linux's poweroff (and halt) without ACPI ends in cli; hlt on every CPU: stop with status 0."""
-        try:
-            state = vcpu.get_mp_state()
-            halted = state == KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
-        except KvmError:
-            return
-        # A vCPU the guest never started (waiting for INIT/SIPI) counts as stopped too.
-        self._halted[vcpu.id] = halted or (vcpu.id != 0 and state in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED))
-        if halted and all(self._halted.get(r.vcpu.id) for r in self.runners):
-            self.request_stop(0, "the guest halted with interrupts off on every vCPU (Linux's poweroff without ACPI)")
-
-    def set_entry(self, entry: LongModeEntry) -> None:
-        """Start every vCPU at a 64-bit entry (APs are parked by the guest's own SMP bring-up)."""
-        set_long_mode(self.runners[0].vcpu, entry)
-
-    def read_guest_safe(self, gpa: int, size: int) -> bytes:
-        assert self.mem is not None
-        out = bytearray()
-        for i in range(size):
-            if not self.mem.is_ram(gpa + i):
-                break
-            out += self.mem.read(gpa + i, 1)
-        return bytes(out)
-
-    # --- running and stopping ------------------------------------------------------
-    def request_stop(self, status: int, message: str = "", reset: bool = False) -> None:
-        """Stop the machine with an exit status; the first request wins. Safe from any thread."""
-        with self._stop_lock:
-            if self.stopping:
-                return
-            self.stopping = True
-            self.status = status
-            self.stop_message = message
-            self.reset_requested = reset
-        for runner in self.runners:
-            runner.vcpu.run.immediate_exit = 1
-        self.kick_all()
-        self._done.set()
-        for cb in self.on_stop:
-            try:
-                cb(status, message)
-            except Exception:
-                log.exception("stop callback failed")
+        self.lifecycle.kick_all()
 
     def start(self) -> None:
         """Start the host loop, the serial ports and the vCPU threads."""
-        if not _install_kick_handler():
-            raise KvmkitError("kvmkit must be started from the main thread the first time (it installs a signal handler).")
+        require_kick_handler()
         for port in self.serial_ports:
             port.start()
         self.loop.start()
-        if self._watch_halt:
+        if self._watch_poweroff:
+            watch = PoweroffWatch(self.lifecycle, [r.vcpu.id for r in self.runners])
             for runner in self.runners:
-                runner.kick_hooks.append(self._check_halted)
+                runner.kick_hooks.append(watch)
         for runner in self.runners:
             runner.start()
         if any(runner.kick_hooks for runner in self.runners):
-            threading.Thread(target=self._watch_kicks, name="kvmkit-watch", daemon=True).start()
+            self.lifecycle.watch()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the machine stops (or ``timeout``); returns the exit status or None."""
-        if not self._done.wait(timeout):
-            return None
-        for runner in self.runners:
-            if runner.thread is not None and runner.thread is not threading.current_thread():
-                runner.thread.join(timeout=5)
-                if runner.thread.is_alive():
-                    # A vCPU that did not leave KVM_RUN: kick again.
-                    try:
-                        signal.pthread_kill(runner.thread.ident, KICK_SIGNAL)  # type: ignore[arg-type]
-                    except OSError:
-                        pass
-                    runner.thread.join(timeout=5)
-        return self.status
+        outcome = self.lifecycle.wait(timeout)
+        return outcome.status if outcome is not None else None
 
     def run(self, handle_signals: bool = True) -> int:
-        """Start, wait for the stop, tear down; SIGINT/SIGTERM stop the guest cleanly."""
-        old: dict[int, object] = {}
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)):
-                old[sig] = signal.signal(sig, lambda s, f, st=status: self.request_stop(st, f"stopped by signal {signal.Signals(s).name}"))
-        try:
-            self.start()
-            while self.wait(0.2) is None:
-                pass
-            return self.status if self.status is not None else 1
-        finally:
-            self.shutdown()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+        """Start, wait for the stop, tear down; SIGINT/SIGTERM/SIGHUP stop the guest cleanly."""
+        with self.lifecycle.signals() if handle_signals else contextlib.nullcontext():
+            try:
+                self.start()
+                while self.wait(0.2) is None:
+                    pass
+                return self.status if self.status is not None else 1
+            finally:
+                self.shutdown()
 
     def shutdown(self) -> None:
         """Stop everything that runs; flush and close the host ends."""
         if not self.stopping:
-            self.request_stop(0, "shut down by kvmkit")
+            self.lifecycle.stop(0, "shut down by kvmkit")
         self.wait(10)
         self.loop.stop()
         for port in self.serial_ports:
@@ -367,32 +287,24 @@ class Machine:
         return out
 
     def stats_table(self) -> str:
-        table = format_exit_table(self.exit_stats(), self.in_kernel_stats())
-        extra = []
-        for bus in (self.pio_bus, self.mmio_bus):
-            if bus.unclaimed_reads or bus.unclaimed_writes or bus.device_errors:
-                top = sorted(bus.unclaimed.items(), key=lambda kv: -kv[1])[:5]
-                extra.append(f"{bus.name}: {bus.unclaimed_reads} unclaimed reads, {bus.unclaimed_writes} unclaimed writes"
-                             + (f", {bus.device_errors} device errors" if bus.device_errors else "")
-                             + (" (" + ", ".join(f"{a:#x}x{n}" for a, n in top) + ")" if top else ""))
-        for port in self.serial_ports:
-            c = port.counters
-            if c.host_bytes_out or c.host_bytes_in:
-                extra.append(f"{port.name}: {c.host_bytes_out} bytes out in {c.host_writes} host writes, "
-                             f"{c.host_bytes_in} bytes in, {c.input_pauses} input pauses, {c.output_stalls} output stalls")
-        return table + ("\n" + "\n".join(extra) if extra else "")
+        lines = [format_exit_table(self.exit_stats(), self.in_kernel_stats())]
+        lines += [s for s in (self.pio_bus.summary(), self.mmio_bus.summary()) if s]
+        lines += [p.counters.summary(p.name) for p in self.serial_ports
+                  if p.counters.host_bytes_out or p.counters.host_bytes_in]
+        return "\n".join(lines)
 
     # --- teardown ----------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "pv_timer", None) is not None:
-            self.pv_timer.close()
-        for reader in self.kvm_stats.values():
-            reader.close()
-        self.kvm_stats = {}
+        self.loop.stop()  # no host callback runs while device host ends go
+        if self.pvclockevent is not None:
+            self.pvclockevent.close()
         try:
             self.loop.close()
         except Exception:
             pass
+        for reader in self.kvm_stats.values():
+            reader.close()
+        self.kvm_stats = {}
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -407,31 +319,3 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class _Window:
-    """Presents one register of a device that spans several ports at a fixed offset."""
-
-    def __init__(self, device: I8042, offset: int) -> None:
-        self.device = device
-        self.offset = offset
-
-    def io_read(self, offset: int, size: int) -> int:
-        return self.device.io_read(self.offset + offset, size)
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.device.io_write(self.offset + offset, size, value)
-
-
-
-def parse_size(text: str | int) -> int:
-    """``256M``, ``1G``, ``512K`` or a bare number of MiB (as lkvm takes it) -> bytes."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t) * MiB
-    except ValueError:
-        raise KvmkitError(f"cannot read memory size {text!r}; write it like 256M or 1G.") from None

@@ -8,9 +8,11 @@ natively, which breaks a stock Linux kernel in a few precise ways
 
 * a few instructions are not emulated (KVM_EXIT_INTERNAL_ERROR, emulation
   suberror): some are hidden through CPUID or the command line, the rest are
-  completed here (:func:`decode` and :meth:`NestedPvmQuirks.on_internal_error`);
-* the emulated kernel is slow, so the command line skips work that costs
-  minutes when emulated (:func:`compose_cmdline`);
+  completed here (:mod:`kvmkit.machine.x86insn` decodes them,
+  :meth:`NestedPvmQuirks.on_internal_error` finishes them);
+* the emulated kernel is slow, so the profile adds kernel parameters that
+  skip work costing minutes when emulated (:func:`pvm_cmdline_params`; the
+  machine's command-line builder places them);
 * a user-mode ``syscall`` does not enter the kernel: it jumps to MSR_LSTAR
   still at CPL3 and takes a page fault there. kvmkit watches the guest's
   page-fault handler (found in the guest IDT) with a hardware breakpoint and
@@ -18,7 +20,9 @@ natively, which breaks a stock Linux kernel in a few precise ways
 
 Everything is found from the guest's own state (IDT, MSRs), never from
 addresses of one kernel build. The profile is chosen by :func:`detect_profile`
-and is never active on a host with ordinary hardware virtualization.
+and is never active on a host with ordinary hardware virtualization. A
+profile sees a vCPU only through the hooks of its :class:`VcpuRunner` and
+guest RAM only through :class:`GuestMemory`.
 """
 
 from __future__ import annotations
@@ -28,21 +32,32 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..errors import KvmkitError
 from ..kvm import constants as c
 from ..kvm import structs as s
 from ..kvm.system import KvmError, Vcpu
-from .cpu import CPUID1_ECX_CX16, flat_segment
-
-if TYPE_CHECKING:
-    from .machine import Machine
-    from .vcpu import VcpuRunner
+from ..memory import GuestMemory
+from ..x86 import (
+    BP_VECTOR,
+    CPUID1_ECX_CX16,
+    DR7_FIXED,
+    DR7_G0,
+    MSR_LSTAR,
+    MSR_STAR,
+    MSR_SYSCALL_MASK,
+    PF_VECTOR,
+    RFLAGS_AC,
+    RFLAGS_FIXED,
+    RFLAGS_RF,
+)
+from .config import QUIRK_PROFILES as PROFILES
+from .cpu import flat_segment
+from .vcpu import InternalError, VcpuRunner
+from .x86insn import Insn, decode, effective_address, no_op_length
 
 log = logging.getLogger(__name__)
-
-PROFILES = ("auto", "nested-pvm", "none")
 
 # --- detection -------------------------------------------------------------------
 
@@ -100,15 +115,10 @@ TSC_SCALE = 10
 GUEST_HZ = 250  # Debian's CONFIG_HZ; only used to pre-set loops_per_jiffy
 
 
-def host_tsc_khz(vcpu: Vcpu | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
-    """The TSC frequency in kHz: KVM_GET_TSC_KHZ, else /proc/cpuinfo's "cpu MHz"."""
-    if vcpu is not None:
-        try:
-            khz = vcpu.get_tsc_khz()
-            if khz > 0:
-                return khz
-        except (KvmError, OSError):
-            pass
+def host_tsc_khz(from_kvm: int = 0, cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The TSC frequency in kHz: KVM's figure (KVM_GET_TSC_KHZ) when it has one, else /proc/cpuinfo's "cpu MHz"."""
+    if from_kvm > 0:
+        return from_kvm
     try:
         m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo.read_text(), re.M)
     except OSError:
@@ -116,17 +126,13 @@ def host_tsc_khz(vcpu: Vcpu | None = None, cpuinfo: Path = Path("/proc/cpuinfo")
     return int(float(m.group(1)) * 1000) if m else None
 
 
-# Parameters every Linux boot gets: kvmkit's PC has no PCI host bridge.
-MACHINE_PARAMS = ("pci=off",)
-
-
 def pvm_cmdline_params(cpus: int, tsc_khz: int | None) -> list[str]:
-    """The ``nested-pvm`` profile's kernel parameters, in the order they are appended."""
+    """The ``nested-pvm`` profile's kernel parameters, in the order they are placed."""
     params = ["noxsave", "clearcpuid=" + ",".join(CLEARCPUID)]
     if tsc_khz:
         params.append(f"tsc_early_khz={tsc_khz * TSC_SCALE}")
         params.append(f"lpj={tsc_khz * 1000 // GUEST_HZ}")  # delays keep their real length; no calibration loop
-    params += ["tsc=reliable", "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1", "noapic", "pci=off"]
+    params += ["tsc=reliable", "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1", "noapic"]
     if cpus == 1:
         params.append("nosmp")
     params += ["mitigations=off", "nopti", "nokaslr", "cryptomgr.notests", "rodata=off",
@@ -134,215 +140,7 @@ def pvm_cmdline_params(cpus: int, tsc_khz: int | None) -> list[str]:
     return params
 
 
-def _param_key(param: str) -> str:
-    return param.split("=", 1)[0]
-
-
-def compose_cmdline(user: str, extra: list[str]) -> str:
-    """``user``'s command line with ``extra`` parameters appended.
-
-    A parameter the user already gave (same name before ``=``) is left as
-    the user wrote it, and everything after a `` -- `` (arguments for init)
-    stays at the end.
-    """
-    head, sep, tail = user.partition(" -- ")
-    if not sep and user.startswith("-- "):
-        head, sep, tail = "", "-- ", user[3:]
-    given = {_param_key(w) for w in head.split()}
-    add = [p for p in extra if _param_key(p) not in given]
-    out = " ".join(w for w in (head.strip(), " ".join(add)) if w)
-    if sep:
-        out += " -- " + tail
-    return out
-
-
-# --- instruction completion ------------------------------------------------------------
-
-# x86 register numbers (ModRM/SIB encoding) to kvm_regs field names.
-GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-_LEGACY_PREFIXES = {0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67}
-
-
-@dataclass(frozen=True)
-class MemOperand:
-    """A ModRM memory operand: ``segment:[base + index*scale + disp]`` or ``[rip + disp]``."""
-
-    base: int | None
-    index: int | None
-    scale: int
-    disp: int
-    rip_relative: bool = False
-    segment: str | None = None  # "fs" or "gs" when overridden (others have base 0 in 64-bit mode)
-    addr32: bool = False
-
-
-@dataclass(frozen=True)
-class Insn:
-    """A decoded instruction kvmkit can complete: what it is, how long, its memory operand."""
-
-    kind: str  # int3, fwait, fence, prefetch, cacheflush, wbinvd, clac, stac, ldmxcsr, stmxcsr
-    length: int
-    mem: MemOperand | None = None
-
-
-def _modrm(code: bytes, pos: int, rex: int, segment: str | None, addr32: bool) -> tuple[int, int, MemOperand | None, int] | None:
-    """Decode ModRM (+SIB, displacement) at ``pos``: (mod, reg, memory operand, position after)."""
-    if pos >= len(code):
-        return None
-    modrm = code[pos]
-    pos += 1
-    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
-    if mod == 3:
-        return mod, reg, None, pos
-    base: int | None = rm | ((rex & 1) << 3)
-    index: int | None = None
-    scale = 1
-    rip_relative = False
-    disp_size = {0: 0, 1: 1, 2: 4}[mod]
-    if rm == 4:
-        if pos >= len(code):
-            return None
-        sib = code[pos]
-        pos += 1
-        scale = 1 << (sib >> 6)
-        idx = ((sib >> 3) & 7) | ((rex & 2) << 2)
-        index = None if idx == 4 else idx
-        b = sib & 7
-        base = b | ((rex & 1) << 3)
-        if b == 5 and mod == 0:
-            base = None
-            disp_size = 4
-    elif rm == 5 and mod == 0:
-        base = None
-        rip_relative = True
-        disp_size = 4
-    if pos + disp_size > len(code):
-        return None
-    if disp_size == 1:
-        disp = struct.unpack_from("<b", code, pos)[0]
-    elif disp_size == 4:
-        disp = struct.unpack_from("<i", code, pos)[0]
-    else:
-        disp = 0
-    pos += disp_size
-    return mod, reg, MemOperand(base, index, scale, disp, rip_relative, segment, addr32), pos
-
-
-def decode(code: bytes) -> Insn | None:
-    """Recognise an instruction kvmkit completes for KVM (64-bit mode); None for anything else."""
-    pos = 0
-    segment = None
-    opsize = False
-    addr32 = False
-    while pos < min(len(code), 14) and code[pos] in _LEGACY_PREFIXES:
-        p = code[pos]
-        if p == 0x64:
-            segment = "fs"
-        elif p == 0x65:
-            segment = "gs"
-        elif p == 0x66:
-            opsize = True
-        elif p == 0x67:
-            addr32 = True
-        pos += 1
-    rex = 0
-    if pos < len(code) and 0x40 <= code[pos] <= 0x4F:
-        rex = code[pos]
-        pos += 1
-    if pos >= len(code):
-        return None
-    op = code[pos]
-    pos += 1
-    if op == 0xCC:
-        return Insn("int3", pos)
-    if op == 0x9B:
-        return Insn("fwait", pos)
-    if op != 0x0F or pos >= len(code):
-        return None
-    op2 = code[pos]
-    pos += 1
-    if op2 in (0x08, 0x09):  # invd, wbinvd: caches are coherent in a VM
-        return Insn("wbinvd", pos)
-    if op2 == 0x01 and pos < len(code) and code[pos] in (0xCA, 0xCB):
-        return Insn("clac" if code[pos] == 0xCA else "stac", pos + 1)
-    if op2 not in (0xAE, 0x18, 0x0D):
-        return None
-    m = _modrm(code, pos, rex, segment, addr32)
-    if m is None:
-        return None
-    mod, reg, mem, end = m
-    if op2 == 0x18:  # prefetchnta/t0/t1/t2
-        return Insn("prefetch", end, mem) if mem is not None and reg <= 3 else None
-    if op2 == 0x0D:  # prefetch/prefetchw (3DNow!/AMD)
-        return Insn("prefetch", end, mem) if mem is not None else None
-    # 0F AE group 15
-    if mem is None:
-        if reg in (5, 6, 7) and not opsize:
-            return Insn("fence", end)
-        return None
-    if reg == 2 and not opsize:
-        return Insn("ldmxcsr", end, mem)
-    if reg == 3 and not opsize:
-        return Insn("stmxcsr", end, mem)
-    if reg == 7 or (reg == 6 and opsize):  # clflush, clflushopt (66), clwb (66 /6)
-        return Insn("cacheflush", end, mem)
-    return None
-
-
-def effective_address(mem: MemOperand, regs: s.kvm_regs, next_rip: int, segment_base: Callable[[str], int] = lambda seg: 0) -> int:
-    """The linear address of a memory operand, given the registers and the next instruction's RIP."""
-    if mem.rip_relative:
-        ea = next_rip + mem.disp
-    else:
-        ea = mem.disp
-        if mem.base is not None:
-            ea += getattr(regs, GPR_NAMES[mem.base])
-        if mem.index is not None:
-            ea += getattr(regs, GPR_NAMES[mem.index]) * mem.scale
-    if mem.addr32:
-        ea &= 0xFFFF_FFFF
-    if mem.segment:
-        ea += segment_base(mem.segment)
-    return ea & 0xFFFF_FFFF_FFFF_FFFF
-
-
 # --- the guest IDT and the system call path -------------------------------------------------
-
-PF_VECTOR = 14
-BP_VECTOR = 3
-MSR_STAR = 0xC000_0081
-MSR_LSTAR = 0xC000_0082
-MSR_SYSCALL_MASK = 0xC000_0084
-RFLAGS_IF = 1 << 9
-RFLAGS_RF = 1 << 16
-RFLAGS_AC = 1 << 18
-RFLAGS_FIXED = 1 << 1
-# DR7: G0 (global enable of breakpoint 0, execute, 1 byte) and the always-one bit 10.
-DR7_G0 = 1 << 1
-DR7_FIXED = 1 << 10
-
-
-def no_op_length(code: bytes) -> int:
-    """Length of the instruction at the start of ``code`` if it has no effect, else 0.
-
-    Linux's exception entry points begin with ``endbr64`` (kernel IBT) or a
-    NOP that an alternative (clac without SMAP) left behind.
-    """
-    if code[:4] == b"\xf3\x0f\x1e\xfa":  # endbr64
-        return 4
-    if code[:1] == b"\x90":
-        return 1
-    if code[:2] == b"\x66\x90":
-        return 2
-    pos = 0
-    while pos < len(code) and code[pos] in (0x66, 0x2E, 0x3E):
-        pos += 1
-    if code[pos:pos + 2] == b"\x0f\x1f":  # nopl/nopw with a ModRM operand
-        m = _modrm(code, pos + 2, 0, None, False)
-        if m is not None:
-            return m[3]
-    return 0
 
 
 def idt_gate_offset(entry: bytes) -> int | None:
@@ -462,48 +260,40 @@ class NestedPvmQuirks:
 
     name = "nested-pvm"
 
-    def __init__(self, machine: "Machine") -> None:
-        self.machine = machine
+    def __init__(self, *, cpus: int, mem: GuestMemory, tsc_khz: int | None) -> None:
+        self.cpus = cpus
+        self.mem = mem
+        self.tsc_khz = tsc_khz
         self.counters = QuirkCounters(completed={})
         self._handler: dict[int, int | None] = {}  # vCPU id -> armed #PF handler address
-        self._idt: dict[int, tuple[int, int]] = {}
         self._mxcsr: dict[int, int] = {}
         self._handler_gpa: dict[int, int] = {}  # vCPU id -> physical address of the watched handler
         self._stepping: set[int] = set()
-        self.tsc_khz: int | None = None
 
     # -- set-up -------------------------------------------------------------------
     def cpuid_clear(self) -> dict[tuple[int, str], int]:
         return dict(CPUID_CLEAR)
 
-    def install(self, runner: "VcpuRunner") -> None:
+    def install(self, runner: VcpuRunner) -> None:
         runner.add_exit_hook(c.ExitReason.INTERNAL_ERROR, self.on_internal_error)
         runner.add_exit_hook(c.ExitReason.DEBUG, self.on_debug)
         runner.kick_hooks.append(self.on_kick)
-        if self.tsc_khz is None:
-            self.tsc_khz = host_tsc_khz(runner.vcpu)
 
-    def linux_cmdline(self, cmdline: str) -> str:
-        return compose_cmdline(cmdline, pvm_cmdline_params(self.machine.config.cpus, self.tsc_khz))
+    def cmdline_params(self) -> list[str]:
+        return pvm_cmdline_params(self.cpus, self.tsc_khz)
 
     def _view(self, vcpu: Vcpu) -> GuestView:
-        mem = self.machine.mem
-        assert mem is not None
-        return GuestView(vcpu, self.machine.read_guest_safe, mem.write)
+        return GuestView(vcpu, self.mem.read_available, self.mem.write)
 
     def _count(self, kind: str) -> None:
         self.counters.completed[kind] = self.counters.completed.get(kind, 0) + 1
 
     # -- instruction completion -----------------------------------------------------
-    def on_internal_error(self, vcpu: Vcpu, reason: int) -> bool:
-        run = vcpu.run
-        if run.internal.suberror != c.InternalErrorSuberror.EMULATION:
+    def on_internal_error(self, vcpu: Vcpu, info: InternalError | None) -> bool:
+        if info is None or info.suberror != c.InternalErrorSuberror.EMULATION:
             return False
-        ef = run.emulation_failure
         regs = vcpu.get_regs()
-        code = b""
-        if ef.ndata >= 2 and ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
-            code = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+        code = info.insn
         if not code:
             view = self._view(vcpu)
             for size in (15, 0x1000 - (regs.rip & 0xFFF)):
@@ -607,7 +397,7 @@ class NestedPvmQuirks:
         vcpu.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_USE_HW_BP,
                              [handler, 0, 0, 0, 0, 0, 0, DR7_FIXED | DR7_G0])
 
-    def on_debug(self, vcpu: Vcpu, reason: int) -> bool:
+    def on_debug(self, vcpu: Vcpu, info: InternalError | None) -> bool:
         handler = self._handler.get(vcpu.id)
         if vcpu.id in self._stepping:  # the single step over the handler's first instruction
             self._stepping.discard(vcpu.id)
@@ -638,7 +428,7 @@ class NestedPvmQuirks:
         # instruction: skip it when it does nothing (endbr64, a NOP), else
         # single-step it with the breakpoint off.
         gpa = self._handler_gpa.get(vcpu.id)
-        skip = no_op_length(self.machine.read_guest_safe(gpa, 15)) if gpa is not None else 0
+        skip = no_op_length(self.mem.read_available(gpa, 15)) if gpa is not None else 0
         if skip:
             regs.rip += skip
             vcpu.set_regs(regs)
@@ -661,19 +451,21 @@ class NoQuirks:
     def cpuid_clear(self) -> dict[tuple[int, str], int]:
         return {}
 
-    def install(self, runner: "VcpuRunner") -> None:
+    def install(self, runner: VcpuRunner) -> None:
         pass
 
-    def linux_cmdline(self, cmdline: str) -> str:
-        return compose_cmdline(cmdline, list(MACHINE_PARAMS))
+    def cmdline_params(self) -> list[str]:
+        return []
 
     def summary(self) -> str:
         return ""
 
 
-def make_quirks(name: str | None, machine: "Machine") -> NestedPvmQuirks | NoQuirks:
-    profile = resolve_profile(name)
-    if profile == "nested-pvm":
-        return NestedPvmQuirks(machine)
-    return NoQuirks()
+Quirks = NestedPvmQuirks | NoQuirks
 
+
+def make_quirks(name: str | None, *, cpus: int, mem: GuestMemory, tsc_khz: int = 0) -> Quirks:
+    """The profile for ``--quirks`` (``auto`` detects it) on a machine with ``cpus`` vCPUs and this RAM."""
+    if resolve_profile(name) == "nested-pvm":
+        return NestedPvmQuirks(cpus=cpus, mem=mem, tsc_khz=host_tsc_khz(tsc_khz))
+    return NoQuirks()

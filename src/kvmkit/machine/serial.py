@@ -24,16 +24,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..devices.base import IrqCallback
-from ..devices.uart16550 import Uart16550
-from ..host.backends import Backend, UnixSocketBackend
+from ..devices.base import ByteRegisterDevice, IrqCallback
+from ..devices.uart16550 import FIFO_SIZE, LCR_DLAB, LSR, RBR, REGISTER_SPAN, THR, Uart16550
+from ..host.backends import Backend
 from ..host.loop import EventLoop, TimerHandle
 
-UART_RBR = 0
-UART_THR = 0
-UART_LSR = 5
-LCR_DLAB = 0x80
-FIFO_SIZE = 16
 OUTPUT_LIMIT = 64 * 1024       # bytes kept for a stalled host end before THRE stays clear
 FLUSH_INTERVAL = 0.001         # seconds a partial TX burst may wait for more bytes
 CTI_DELAY = 0.0005             # seconds of RX silence before the character timeout
@@ -49,9 +44,14 @@ class SerialCounters:
     input_pauses: int = 0      # times input was stopped because the RX FIFO was full
     output_stalls: int = 0     # drains refused because the output buffer was full
 
+    def summary(self, name: str) -> str:
+        """One line for ``--stats``: how the bytes crossed to and from the host."""
+        return (f"{name}: {self.host_bytes_out} bytes out in {self.host_writes} host writes, "
+                f"{self.host_bytes_in} bytes in, {self.input_pauses} input pauses, {self.output_stalls} output stalls")
+
 
 class SerialPort:
-    """Bus device for one COM port: the UART model plus its host end."""
+    """Bus device for one COM port: the UART model plus its host end (the model's :class:`UartHost`)."""
 
     def __init__(self, name: str, loop: EventLoop, backend: Backend, irq: IrqCallback,
                  *, fifo: bool = True, output_limit: int = OUTPUT_LIMIT, pace: bool = False) -> None:
@@ -59,7 +59,10 @@ class SerialPort:
         self.loop = loop
         self.backend = backend
         self.lock = threading.RLock()
-        self.uart = Uart16550(irq, fifo=fifo, on_tx=self._on_tx, on_rx_space=self._on_rx_space)
+        self._irq = irq
+        self.uart = Uart16550(self, fifo=fifo)
+        # A 16-bit or 32-bit access reads or writes consecutive registers, as on the real part.
+        self._regs = ByteRegisterDevice(self, REGISTER_SPAN)
         self.fifo_size = FIFO_SIZE if fifo else 1
         # The FIFO-less variant stands for the old kvm tool's UART, which
         # wrote every character to the terminal: no write coalescing there.
@@ -86,59 +89,68 @@ class SerialPort:
 
     # --- guest side (vCPU threads) -------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
-        value = 0
         with self.lock:
-            for i in range(size):
-                reg = offset + i
-                if reg == UART_LSR and self.uart.tx_pending():
-                    # A guest polling for THRE (console write, startup tests):
-                    # hand the burst to the host now rather than make it spin.
-                    self._drain_locked()
-                byte = self.uart.read(reg) if 0 <= reg < 8 else 0xFF
-                value |= (byte & 0xFF) << (8 * i)
-                if reg == UART_RBR and self._input_paused and not self.uart.lcr & LCR_DLAB and self.uart.rx_level() == 0:
-                    # The guest emptied the RX FIFO: refill it in one read
-                    # rather than a byte at a time as slots free up.
-                    self._input_paused = False
-                    self.loop.call_soon(self._resume_input)
-        return value
+            return self._regs.io_read(offset, size)
 
     def io_write(self, offset: int, size: int, value: int) -> None:
         with self.lock:
-            for i in range(size):
-                reg = offset + i
-                if 0 <= reg < 8:
-                    self.uart.write(reg, (value >> (8 * i)) & 0xFF)
-            if offset == UART_THR:
+            self._regs.io_write(offset, size, value)
+            if offset == THR:
                 self._last_thr = time.monotonic()
             fifo_size = self.fifo_size if self.uart.fifo_enabled else 1
             if self.uart.tx_pending() >= fifo_size and not self._drain_soon:
                 self._drain_soon = True
                 self.loop.call_soon(self._drain_from_loop)
 
-    def _on_tx(self) -> None:
-        # Called under self.lock by the model when the TX FIFO becomes non-empty.
+    def read(self, reg: int) -> int:
+        """One register read (ByteRegisters), with the host end's side effects; lock held."""
+        if reg == LSR and self.uart.tx_pending():
+            # A guest polling for THRE (console write, startup tests):
+            # hand the burst to the host now rather than make it spin.
+            self._drain_locked()
+        byte = self.uart.read(reg)
+        if reg == RBR and self._input_paused and not self.uart.lcr & LCR_DLAB and self.uart.rx_level() == 0:
+            # The guest emptied the RX FIFO: refill it in one read
+            # rather than a byte at a time as slots free up.
+            self._input_paused = False
+            self.loop.call_soon(self._resume_input)
+        return byte
+
+    def write(self, reg: int, value: int) -> None:
+        """One register write (ByteRegisters); lock held."""
+        self.uart.write(reg, value)
+
+    # --- UartHost (called by the model, lock held) ---------------------------
+    def set_irq(self, level: bool) -> None:
+        self._irq(level)
+
+    def tx_started(self) -> None:
         if not self._drain_timer and not self._closed:
             self._drain_timer = True
             self.loop.call_soon_later(FLUSH_INTERVAL, self._flush_timer)
 
-    def _on_rx_space(self) -> None:
-        # A guest that drains the FIFO completely resumes input from io_read;
+    def rx_space(self) -> None:
+        # A guest that drains the FIFO completely resumes input from read();
         # this covers one that stops part way, a little later so that the
         # host reads a batch rather than the one byte that just freed.
         if not self._reading and not self._closed:
             self.loop.call_soon_later(RESUME_DELAY, self._resume_input)
 
+    def host_note(self, text: str) -> None:
+        """kvmkit's own words (Ctrl-A s statistics, help) into this port's output stream, in order."""
+        with self.lock:
+            self.outbuf += ("\r\n" + text.replace("\n", "\r\n") + "\r\n").encode()
+        self.loop.call_soon(self._flush_output)
+
     # --- host side (loop thread) ----------------------------------------------
     def start(self) -> None:
         self.backend.open()
-        if isinstance(self.backend, UnixSocketBackend) and self.backend.listener is not None:
-            self.loop.add_reader(self.backend.listener.fileno(), self._accept)
+        if self.backend.listen_fd is not None:
+            self.loop.add_reader(self.backend.listen_fd, self._accept)
         self._resume_input()
 
     def _accept(self) -> None:
-        b = self.backend
-        if isinstance(b, UnixSocketBackend) and b.accept():
+        if self.backend.accept():
             self._resume_input()
             self._flush_output()
 
@@ -300,7 +312,7 @@ class SerialPort:
             if fd_before is not None and not self._always_ready:
                 self.loop.remove_reader(fd_before)
             self._reading = False
-            if not isinstance(self.backend, UnixSocketBackend):
+            if not self.backend.reconnects:
                 self._eof = True
             return
         self.counters.host_reads += 1

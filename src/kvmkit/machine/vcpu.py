@@ -2,10 +2,13 @@
 
 Each vCPU runs on its own thread. KVM_RUN is called through ctypes, which
 drops the GIL, so a guest executing or halted in the kernel costs the rest
-of kvmkit nothing. An exit is decoded here and handed to a bus or to the
-machine; the hot path (port I/O) avoids allocation and attribute lookups
-beyond the few it needs, because on a nested host each exit already costs
-tens of microseconds before Python sees it.
+of kvmkit nothing. An exit is decoded here and handed to a bus; an exit that
+ends the VM becomes an :class:`~kvmkit.machine.lifecycle.Outcome` that the
+loop returns (its thread hands it to the lifecycle). The runner knows two
+buses, the lifecycle and a way to read guest RAM, nothing of the machine.
+The hot path (port I/O) avoids allocation and attribute lookups beyond the
+few it needs, because on a nested host each exit already costs tens of
+microseconds before Python sees it.
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ import logging
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from ..kvm import constants as c
 from ..kvm import structs as s
-from ..kvm.system import KvmError, Vcpu, _libc_run
+from ..kvm.system import KvmError, Vcpu, run_ioctl
 from ..profile.exits import VcpuExitStats
-
-if TYPE_CHECKING:
-    from .machine import Machine
+from .bus import Bus
+from .lifecycle import ERROR, HALT, POWEROFF, RESET, TRIPLE_FAULT, Lifecycle, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +39,41 @@ IO_OFFSET = s.kvm_run.exit.offset
 _IO_STRUCT = struct.Struct("<BBHIQ")
 assert s.kvm_run.exit_reason.offset == 8 and _IO_STRUCT.size == 16
 
-# A hook gets the vCPU and the exit reason and returns True when it handled
-# the exit (the loop re-enters the guest), False to fall through.
-ExitHook = Callable[[Vcpu, int], bool]
+
+@dataclass(frozen=True)
+class InternalError:
+    """KVM_EXIT_INTERNAL_ERROR as read from kvm_run: the suberror, the instruction bytes KVM
+    reported (empty when it gave none) and the extra data words."""
+
+    suberror: int
+    insn: bytes
+    data: tuple[int, ...]
+
+    @classmethod
+    def from_run(cls, run: s.kvm_run) -> "InternalError":
+        sub = run.internal.suberror
+        insn = b""
+        ef = run.emulation_failure
+        if sub == c.InternalErrorSuberror.EMULATION and ef.ndata >= 2 and ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            insn = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+        data = tuple(run.internal.data[i] for i in range(min(run.internal.ndata, 16)))
+        return cls(sub, insn, data)
 
 
-def describe_internal_error(vcpu: Vcpu, read_guest: Callable[[int, int], bytes]) -> str:
+# A hook gets the vCPU and, for KVM_EXIT_INTERNAL_ERROR, what KVM said (None for
+# other exits); it returns True when it handled the exit (the loop re-enters
+# the guest), False to fall through.
+ExitHook = Callable[[Vcpu, "InternalError | None"], bool]
+
+
+def describe_internal_error(vcpu: Vcpu, info: InternalError, read_guest: Callable[[int, int], bytes]) -> str:
     """One sentence for KVM_EXIT_INTERNAL_ERROR: suberror, RIP and the instruction bytes."""
-    run = vcpu.run
-    sub = run.internal.suberror
+    sub = info.suberror
     try:
         sub_name = c.InternalErrorSuberror(sub).name.lower().replace("_", " ")
     except ValueError:
         sub_name = f"suberror {sub}"
-    insn = b""
-    ef = run.emulation_failure
-    if sub == c.InternalErrorSuberror.EMULATION and ef.ndata >= 2 and ef.flags & c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
-        insn = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+    insn = info.insn
     try:
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
@@ -68,7 +89,7 @@ def describe_internal_error(vcpu: Vcpu, read_guest: Callable[[int, int], bytes])
         where = f"rip={rip:#x} (cs={sregs.cs.selector:#x}, cpl={sregs.cs.dpl})"
     except Exception as e:  # the vCPU may be in a state KVM refuses to report
         where = f"rip unknown ({e})"
-    data = " ".join(f"{run.internal.data[i]:#x}" for i in range(min(run.internal.ndata, 16)))
+    data = " ".join(f"{d:#x}" for d in info.data)
     insn_text = insn.hex(" ") if insn else "unavailable"
     return (f"KVM could not run the guest (KVM_EXIT_INTERNAL_ERROR, {sub_name}) on vCPU {vcpu.id} at {where}; "
             f"instruction bytes: {insn_text}" + (f"; data: {data}" if data else "")
@@ -78,9 +99,13 @@ def describe_internal_error(vcpu: Vcpu, read_guest: Callable[[int, int], bytes])
 class VcpuRunner:
     """Runs one vCPU until the machine stops."""
 
-    def __init__(self, machine: "Machine", vcpu: Vcpu) -> None:
-        self.machine = machine
+    def __init__(self, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus, lifecycle: Lifecycle,
+                 read_guest: Callable[[int, int], bytes]) -> None:
         self.vcpu = vcpu
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.lifecycle = lifecycle
+        self.read_guest = read_guest  # for error messages: the bytes at a guest address, short when not RAM
         self.stats = VcpuExitStats(vcpu.id)
         self.thread: threading.Thread | None = None
         self.exit_hooks: dict[int, list[ExitHook]] = {}
@@ -91,26 +116,33 @@ class VcpuRunner:
     def add_exit_hook(self, reason: int, hook: ExitHook) -> None:
         self.exit_hooks.setdefault(int(reason), []).append(hook)
 
+    def interrupt(self) -> None:
+        """Make KVM_RUN return at once (immediate_exit); the lifecycle then signals the thread."""
+        self.vcpu.run.immediate_exit = 1
+
     def start(self) -> None:
         self.thread = threading.Thread(target=self._thread_main, name=f"kvmkit-vcpu{self.vcpu.id}", daemon=True)
         self.thread.start()
 
     def _thread_main(self) -> None:
         try:
-            self.loop()
+            outcome = self.loop()
         except BaseException as e:  # report, never die silently
             log.exception("vCPU %d loop failed", self.vcpu.id)
-            self.machine.request_stop(1, f"vCPU {self.vcpu.id} stopped on an internal kvmkit error: {e}")
+            outcome = Outcome(1, f"vCPU {self.vcpu.id} stopped on an internal kvmkit error: {e}", ERROR)
+        if outcome is not None:
+            self.lifecycle.finish(outcome)
 
-    def loop(self) -> None:
+    def loop(self) -> Outcome | None:
+        """Run the guest until an exit ends the VM (its Outcome) or the lifecycle stops it (None)."""
         vcpu = self.vcpu
         run = vcpu.run
         mm = vcpu.run_mmap
-        machine = self.machine
-        pio_read = machine.pio_bus.read
-        pio_write = machine.pio_bus.write
-        mmio_read = machine.mmio_bus.read
-        mmio_write = machine.mmio_bus.write
+        lifecycle = self.lifecycle
+        pio_read = self.pio_bus.read
+        pio_write = self.pio_bus.write
+        mmio_read = self.mmio_bus.read
+        mmio_write = self.mmio_bus.write
         stats = self.stats
         exit_counts = [0] * 256
         pio_out: dict[int, int] = {}
@@ -119,8 +151,8 @@ class VcpuRunner:
         mmio = run.mmio
         unpack_io = _IO_STRUCT.unpack_from
         fd = vcpu.fd
-        ioctl = _libc_run
-        pio_bus = machine.pio_bus
+        ioctl = run_ioctl
+        pio_bus = self.pio_bus
         # port -> [io_write or io_read, offset inside the device, count]:
         # one dict lookup per byte-wide port exit instead of a bus search.
         out_fast: dict[int, list] = {}
@@ -169,8 +201,8 @@ class VcpuRunner:
                     # Clear first, then look: a stop that lands in between
                     # sets immediate_exit again, so it is never lost.
                     run.immediate_exit = 0
-                    if machine.stopping:
-                        break
+                    if lifecycle.stopping:
+                        return None
                     flush()  # so that statistics read while the VM runs are current
                     for kick_hook in self.kick_hooks:
                         kick_hook(vcpu)
@@ -211,8 +243,7 @@ class VcpuRunner:
                                 mm[off] = 0xFF
                         continue
                     if size not in (1, 2, 4) or off + size * count > mmap_size or count > 4096:
-                        machine.request_stop(1, f"KVM reported a malformed I/O exit (port {port:#x}, size {size}, count {count})")
-                        break
+                        return Outcome(1, f"KVM reported a malformed I/O exit (port {port:#x}, size {size}, count {count})", ERROR)
                     if direction == c.KVM_EXIT_IO_OUT:
                         pio_out[port] = pio_out.get(port, 0) + 1
                         for i in range(count):
@@ -228,8 +259,7 @@ class VcpuRunner:
                     length = mmio.len
                     addr = mmio.phys_addr
                     if not 1 <= length <= 8:
-                        machine.request_stop(1, f"KVM reported a malformed MMIO exit (address {addr:#x}, length {length})")
-                        break
+                        return Outcome(1, f"KVM reported a malformed MMIO exit (address {addr:#x}, length {length})", ERROR)
                     if mmio.is_write:
                         mmio_counts[(addr & ~0xFFF, "w")] += 1
                         mmio_write(addr, length, int.from_bytes(bytes(mmio.data[:length]), "little"))
@@ -238,51 +268,44 @@ class VcpuRunner:
                         value = mmio_read(addr, length)
                         ctypes.memmove(mmio.data, value.to_bytes(8, "little"), 8)
                     continue
-                if not self._slow_exit(reason):
-                    break
+                outcome = self._slow_exit(reason)
+                if outcome is not None:
+                    return outcome
         finally:
             handler_ns += clock() - t_exit
             flush()
 
-    def _slow_exit(self, reason: int) -> bool:
-        """Exits that are rare enough for readable code. Returns False to leave the loop."""
-        for hook in self.exit_hooks.get(reason, ()):
-            if hook(self.vcpu, reason):
-                return True
-        machine = self.machine
+    def _slow_exit(self, reason: int) -> Outcome | None:
+        """Exits that are rare enough for readable code: None to re-enter the guest, else how the VM ends."""
         run = self.vcpu.run
+        info = InternalError.from_run(run) if reason == c.ExitReason.INTERNAL_ERROR else None
+        for hook in self.exit_hooks.get(reason, ()):
+            if hook(self.vcpu, info):
+                return None
         vid = self.vcpu.id
         if reason == c.ExitReason.HLT:
-            machine.request_stop(0, f"vCPU {vid} halted with interrupts off (guest stopped)")
-            return False
+            return Outcome(0, f"vCPU {vid} halted with interrupts off (guest stopped)", HALT)
         if reason == c.ExitReason.SHUTDOWN:
-            rip = self._rip()
-            machine.request_stop(2, f"the guest triple-faulted on vCPU {vid} (KVM_EXIT_SHUTDOWN, last rip={rip}); "
-                                    "this is how a crashing kernel (or reboot=t) resets the machine")
-            return False
+            return Outcome(2, f"the guest triple-faulted on vCPU {vid} (KVM_EXIT_SHUTDOWN, last rip={self._rip()}); "
+                              "this is how a crashing kernel (or reboot=t) resets the machine", TRIPLE_FAULT)
         if reason == c.ExitReason.SYSTEM_EVENT:
             etype = run.system_event.type
             if etype == c.SystemEvent.SHUTDOWN:
-                machine.request_stop(0, "guest powered off")
-            elif etype == c.SystemEvent.RESET:
-                machine.request_stop(0, "guest requested a reset", reset=True)
-            elif etype == c.SystemEvent.CRASH:
-                machine.request_stop(1, f"guest reported a crash (system event) on vCPU {vid}")
-            else:
-                machine.request_stop(1, f"guest system event {etype} on vCPU {vid}")
-            return False
-        if reason == c.ExitReason.INTERNAL_ERROR:
-            machine.request_stop(1, describe_internal_error(self.vcpu, machine.read_guest_safe))
-            return False
+                return Outcome(0, "guest powered off", POWEROFF)
+            if etype == c.SystemEvent.RESET:
+                return Outcome(0, "guest requested a reset", RESET)
+            if etype == c.SystemEvent.CRASH:
+                return Outcome(1, f"guest reported a crash (system event) on vCPU {vid}", ERROR)
+            return Outcome(1, f"guest system event {etype} on vCPU {vid}", ERROR)
+        if info is not None:
+            return Outcome(1, describe_internal_error(self.vcpu, info, self.read_guest), ERROR)
         if reason == c.ExitReason.FAIL_ENTRY:
             fe = run.fail_entry
-            machine.request_stop(1, f"KVM could not enter the guest on vCPU {vid} (KVM_EXIT_FAIL_ENTRY, hardware reason "
-                                    f"{fe.hardware_entry_failure_reason:#x} on host CPU {fe.cpu}); the vCPU state is invalid.")
-            return False
+            return Outcome(1, f"KVM could not enter the guest on vCPU {vid} (KVM_EXIT_FAIL_ENTRY, hardware reason "
+                              f"{fe.hardware_entry_failure_reason:#x} on host CPU {fe.cpu}); the vCPU state is invalid.", ERROR)
         if reason in (c.ExitReason.INTR, c.ExitReason.IRQ_WINDOW_OPEN):
-            return True
-        machine.request_stop(1, f"unexpected exit {c.exit_reason_name(reason)} on vCPU {vid} at rip={self._rip()}")
-        return False
+            return None
+        return Outcome(1, f"unexpected exit {c.exit_reason_name(reason)} on vCPU {vid} at rip={self._rip()}", ERROR)
 
     def _rip(self) -> str:
         try:

@@ -17,19 +17,35 @@ import pytest
 
 from kvmkit.devices import pvclockevent as p
 from kvmkit.kvm import constants as kc
-from kvmkit.machine.pvtimer import MSI_GSI_BASE, PVCE_BASE, TimerFd, routing_table
+from kvmkit.host.timerfd import TimerFd
+from kvmkit.machine.irq import MSI_GSI_BASE, GsiRoutes, routing_table
+from kvmkit.machine.pc import PVCE_BASE
+from kvmkit.machine.pvclockevent import lapic_msi
 
 VEC = 0xEC
 
 
 def test_routing_table_keeps_pc_defaults_and_adds_msi():
-    table = routing_table({0: VEC, 3: 0x41})
+    table = routing_table({MSI_GSI_BASE: lapic_msi(0, VEC), MSI_GSI_BASE + 3: lapic_msi(3, 0x41)})
     pic = {(e.gsi, e.irqchip.pin) for e in table if e.type == kc.KVM_IRQ_ROUTING_IRQCHIP and e.irqchip.irqchip != kc.KVM_IRQCHIP_IOAPIC}
     ioapic = {e.gsi: e.irqchip.pin for e in table if e.type == kc.KVM_IRQ_ROUTING_IRQCHIP and e.irqchip.irqchip == kc.KVM_IRQCHIP_IOAPIC}
     assert (4, 4) in pic and (12, 4) in pic and not any(g == 2 for g, _ in pic)
     assert ioapic[0] == 2 and ioapic[4] == 4 and ioapic[23] == 23 and 2 not in ioapic
     msi = {e.gsi: (e.msi.address_lo, e.msi.data) for e in table if e.type == kc.KVM_IRQ_ROUTING_MSI}
     assert msi == {MSI_GSI_BASE: (0xFEE00000, VEC), MSI_GSI_BASE + 3: (0xFEE03000, 0x41)}
+
+
+def test_gsi_routes_hand_out_one_gsi_per_owner_and_rewrite_only_on_change():
+    installed = []
+    routes = GsiRoutes(lambda table: installed.append(table))
+    assert installed == []  # nothing asked for: KVM's default table stays
+    a = routes.msi_gsi("pvclockevent0", *lapic_msi(0, VEC))
+    b = routes.msi_gsi("pvclockevent1", *lapic_msi(1, VEC))
+    assert (a, b) == (MSI_GSI_BASE, MSI_GSI_BASE + 1) and len(installed) == 2
+    assert routes.msi_gsi("pvclockevent0", *lapic_msi(0, VEC)) == a and len(installed) == 2
+    assert routes.msi_gsi("pvclockevent0", *lapic_msi(0, 0x41)) == a and len(installed) == 3
+    msi = {e.gsi: e.msi.data for e in installed[-1] if e.type == kc.KVM_IRQ_ROUTING_MSI}
+    assert msi == {a: 0x41, b: VEC}
 
 
 def test_timerfd_absolute_expiry():
@@ -49,14 +65,16 @@ def test_timerfd_absolute_expiry():
 
 @pytest.fixture
 def machine():
-    from kvmkit.machine.machine import Machine, MachineConfig
+    from kvmkit.machine.config import VmConfig
+    from kvmkit.machine.machine import Machine
 
-    m = Machine(MachineConfig(mem_size=64 << 20, serial=["none"] * 4))
+    m = Machine(VmConfig(mem_size=64 << 20, serial=["none"] * 4))
     vcpu = m.runners[0].vcpu
     st = vcpu.get_lapic()
     raw = (ctypes.c_uint8 * ctypes.sizeof(st)).from_buffer(st)
     raw[0xF0:0xF4] = list((0x1FF).to_bytes(4, "little"))  # SVR: APIC software-enabled
     vcpu.set_lapic(st)
+    m.loop.start()  # the host loop serves the timerfds (Machine.start() starts it with the vCPUs)
     yield m
     m.close()
 
@@ -91,7 +109,7 @@ def test_window_identifies_itself(machine):
 @pytest.mark.kvm
 def test_register_deadline_raises_msi_on_the_vcpu(machine):
     bus = machine.mmio_bus
-    vt = machine.pv_timer.cpus[0]
+    vt = machine.pvclockevent.hosts[0]
     bus.write(PVCE_BASE + p.REG_CONTROL, 4, p.CTRL_ENABLE | VEC << p.CTRL_VECTOR_SHIFT)
     assert not irr_has(machine, VEC)
     deadline = time.monotonic_ns() + 3_000_000
@@ -108,7 +126,7 @@ def test_register_deadline_raises_msi_on_the_vcpu(machine):
 @pytest.mark.kvm
 def test_past_deadline_fires_at_once_and_disabled_never(machine):
     bus = machine.mmio_bus
-    vt = machine.pv_timer.cpus[0]
+    vt = machine.pvclockevent.hosts[0]
     bus.write(PVCE_BASE + p.REG_DEADLINE, 8, 1)  # disabled: nothing
     time.sleep(0.01)
     assert vt.model.fires == 0 and not irr_has(machine, VEC)
@@ -126,7 +144,7 @@ def test_past_deadline_fires_at_once_and_disabled_never(machine):
 def test_shared_block_and_doorbell_eventfd(machine):
     bus = machine.mmio_bus
     mem = machine.mem
-    vt = machine.pv_timer.cpus[0]
+    vt = machine.pvclockevent.hosts[0]
     blk = 0x200000
     mem.write_u64(blk + p.SHM_DEADLINE, p.NEVER)
     bus.write(PVCE_BASE + p.REG_SHARED_GPA, 8, blk)
@@ -150,7 +168,7 @@ def test_shared_block_and_doorbell_eventfd(machine):
 @pytest.mark.kvm
 def test_gsi_route_and_garbage(machine):
     bus = machine.mmio_bus
-    vt = machine.pv_timer.cpus[0]
+    vt = machine.pvclockevent.hosts[0]
     for off in range(0, 0x60, 4):
         bus.write(PVCE_BASE + off, 4, 0xFFFFFFFF)
         bus.write(PVCE_BASE + off, 8, 0xFFFFFFFFFFFFFFFF)
@@ -179,7 +197,7 @@ def test_guest_timer_bench_every_timer_delivers_each_expiry():
         assert f"timer-bench: {mode} cycles=40 " in out, out
     assert "tsc-deadline cycles=40" in out or "tsc-deadline: not available here" in out
     assert "pv clock sync: handshake" in out
-    stats = vm.machine.pv_timer.stats()[0]
+    stats = vm.machine.pvclockevent.stats()[0]
     # pv, pv-reg, pv-later and pv-gsi (MSI, MSI, MSI, IOAPIC pin 10) each
     # deliver 40; a deadline the host saw only after it passed may add an
     # early one in pv-later (see the ABI doc).
@@ -195,7 +213,7 @@ def test_guest_pv_doorbell_never_reaches_kvmkit():
     """Shared-block programs: one doorbell each, served by the ioeventfd, so no MMIO exit reaches kvmkit."""
     vm, status, out = _timer_bench("timer-bench pv 60 100")
     assert status == 0, out
-    stats = vm.machine.pv_timer.stats()[0]
+    stats = vm.machine.pvclockevent.stats()[0]
     assert stats["fires"] == 60
     assert 60 <= stats["doorbells_seen"] <= 61
     window_writes = vm.machine.exit_stats()[0].mmio[(PVCE_BASE, "w")]
@@ -217,7 +235,7 @@ def test_shared_block_protocol_under_concurrency(machine):
     import threading
 
     bus, mem = machine.mmio_bus, machine.mem
-    vt = machine.pv_timer.cpus[0]
+    vt = machine.pvclockevent.hosts[0]
     blk = 0x300000
     mem.write_u64(blk, p.NEVER)
     bus.write(PVCE_BASE + p.REG_SHARED_GPA, 8, blk)
@@ -262,9 +280,10 @@ def test_shared_block_protocol_under_concurrency(machine):
 
 @pytest.mark.kvm
 def test_two_vcpus_two_windows_each_msi_to_its_own_apic():
-    from kvmkit.machine.machine import Machine, MachineConfig
+    from kvmkit.machine.config import VmConfig
+    from kvmkit.machine.machine import Machine
 
-    m = Machine(MachineConfig(mem_size=64 << 20, cpus=2, serial=["none"] * 4))
+    m = Machine(VmConfig(mem_size=64 << 20, cpus=2, serial=["none"] * 4))
     try:
         for r in m.runners:
             st = r.vcpu.get_lapic()
@@ -283,6 +302,6 @@ def test_two_vcpus_two_windows_each_msi_to_its_own_apic():
 
         assert wait_for(lambda: irr(m.runners[1].vcpu, 0x51))
         assert not irr(m.runners[0].vcpu, 0x51)
-        assert m.pv_timer.cpus[0].model.fires == 0 and m.pv_timer.cpus[1].model.fires == 1
+        assert m.pvclockevent.hosts[0].model.fires == 0 and m.pvclockevent.hosts[1].model.fires == 1
     finally:
         m.close()

@@ -1,0 +1,137 @@
+"""One description of a VM, checked once: what the CLI and the Python API both build.
+
+Everything a user can choose about a machine is a field of :class:`VmConfig`
+(kernel, initrd, command line, memory, vCPUs, serial ports, host quirks,
+devices). Parsing user words (``-m 1G``, ``--serial COM2=pty``,
+``--cpuid-clear 1:ecx:13``) happens here and only here, so the two entry
+points cannot disagree, and a bad value is one plain sentence before any
+KVM object exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import KvmkitError
+from ..host.backends import backend_kind
+from ..memory import MiB
+
+SERIAL_PORTS = 4                 # COM1..COM4
+MIN_MEM = 64 << 10               # tiny real-mode test guests; a kernel needs more and the loader says so
+MAX_MEM = 1 << 40                # 1 TiB: far beyond these hosts, well inside the 52-bit guest address space
+MAX_CPUS = 254                   # APIC IDs 0..N-1 plus the IOAPIC's must fit in 0..254 (the MP table)
+QUIRK_PROFILES = ("auto", "nested-pvm", "none")
+DEFAULT_SERIAL = ("stdio", "none", "none", "none")
+
+
+def parse_size(text: str | int) -> int:
+    """``256M``, ``1G``, ``512K`` or a bare number of MiB (as lkvm takes it) -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    bad = KvmkitError(f"cannot read memory size {text!r}; write it like 256M or 1G.")
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1])
+            if not math.isfinite(value) or value < 0 or value * units[t[-1]] > 1 << 63:
+                raise bad
+            return int(value * units[t[-1]])
+        if not t.isdigit() or len(t) > 12:
+            raise bad
+        return int(t) * MiB
+    except ValueError:
+        raise bad from None
+
+
+def parse_serial_specs(items: list[str]) -> list[str]:
+    """``--serial`` words (in order, or ``COMn=SPEC``) -> one backend spec per port, COM1 first."""
+    specs = list(DEFAULT_SERIAL)
+    nxt = 0
+    for item in items:
+        if "=" in item and item.split("=", 1)[0].upper().startswith("COM"):
+            name, spec = item.split("=", 1)
+            try:
+                idx = int(name[3:]) - 1
+            except ValueError:
+                raise KvmkitError(f"cannot read serial port name {name!r}; use COM1 to COM4.") from None
+            if not 0 <= idx < SERIAL_PORTS:
+                raise KvmkitError(f"serial port {name} does not exist; use COM1 to COM4.")
+            specs[idx] = spec
+            nxt = idx + 1
+        else:
+            if nxt >= SERIAL_PORTS:
+                raise KvmkitError("more than four --serial options; a PC has COM1 to COM4.")
+            specs[nxt] = item
+            nxt += 1
+    return specs
+
+
+def parse_cpuid_clear(items: list[str]) -> dict[tuple[int, str], int]:
+    """``LEAF:REG:BIT`` words (leaf in decimal or 0x hex) -> {(leaf, register): bits}."""
+    out: dict[tuple[int, str], int] = {}
+    for item in items:
+        parts = item.lower().split(":")
+        try:
+            leaf, reg, bit = int(parts[0], 0), parts[1], int(parts[2], 0)
+            if len(parts) != 3 or reg not in ("eax", "ebx", "ecx", "edx") or not 0 <= bit < 32 or leaf < 0:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise KvmkitError(f"cannot read --cpuid-clear {item!r}; write LEAF:REG:BIT, e.g. 1:ecx:13.") from None
+        out[(leaf, reg)] = out.get((leaf, reg), 0) | (1 << bit)
+    return out
+
+
+@dataclass
+class VmConfig:
+    """A machine as the user asked for it. Validated when built; plain values only.
+
+    ``kernel`` None boots the bundled guest, whose command script is
+    ``script``. ``cmdline`` is the user's kernel command line (``-p``): the
+    machine's command-line builder adds its defaults around it
+    (machine/cmdline.py).
+    """
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+    script: str | None = None
+    mem_size: int = 256 * MiB
+    cpus: int = 1
+    serial: list[str] = field(default_factory=lambda: list(DEFAULT_SERIAL))
+    serial_fifo: bool = True
+    serial_pace: bool = False
+    # The in-kernel PIC/IOAPIC/LAPIC and PIT. Without them HLT exits to user
+    # space (KVM_EXIT_HLT) and no interrupt can be delivered: only for tiny
+    # test guests.
+    irqchip: bool = True
+    cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
+    quirks: str = "auto"           # host quirk profile (machine/quirks.py)
+    pv_clockevent: bool = True     # paravirtual clock event device (docs/pv-clockevent.md); needs irqchip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mem_size, str):
+            self.mem_size = parse_size(self.mem_size)
+        if self.kernel is not None:
+            self.kernel = Path(self.kernel)
+        if self.initrd is not None:
+            self.initrd = Path(self.initrd)
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise KvmkitError(f"--cpus {self.cpus} is out of range; choose 1 to {MAX_CPUS}.")
+        if self.mem_size < MIN_MEM:
+            raise KvmkitError(f"--mem {self.mem_size} bytes is too small; give the VM at least {MIN_MEM >> 10} KiB (a kernel needs MiBs).")
+        if self.mem_size > MAX_MEM:
+            raise KvmkitError(f"--mem {self.mem_size >> 30} GiB is more than kvmkit supports; give it at most {MAX_MEM >> 30} GiB.")
+        if self.mem_size % 4096:
+            raise KvmkitError(f"--mem {self.mem_size} bytes is not a whole number of 4 KiB pages; round it, e.g. to {self.mem_size // MiB}M.")
+        if len(self.serial) > SERIAL_PORTS:
+            raise KvmkitError("more than four serial ports; a PC has COM1 to COM4.")
+        self.serial = list(self.serial) + ["none"] * (SERIAL_PORTS - len(self.serial))
+        for spec in self.serial:
+            backend_kind(spec)
+        if self.quirks not in QUIRK_PROFILES:
+            raise KvmkitError(f"unknown quirk profile {self.quirks!r}; choose one of {', '.join(QUIRK_PROFILES)}.")
+        if self.script is not None and self.kernel is not None:
+            raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")
