@@ -1,7 +1,7 @@
 """kvmkit: a small KVM virtual machine monitor in Python.
 
-The package is layered (see DESIGN.md in the shared notes): ``kvm`` binds
-/dev/kvm, ``devices`` holds pure device models, ``boot`` loads kernels,
+The package is layered (docs/architecture.md; tests/test_layers.py checks
+it): ``kvm`` binds /dev/kvm, ``devices`` holds pure device models, ``boot`` loads kernels,
 ``host`` does host I/O, ``machine`` wires a VM together, ``profile``
 measures it and ``cli`` parses arguments. :class:`VirtualMachine` is the
 scripting entry point.
