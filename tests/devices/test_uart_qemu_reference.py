@@ -38,17 +38,14 @@ Deliberate differences, each avoided or normalised below:
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
-import select
-import shutil
-import subprocess
 
 import pytest
 
+from _qtest import QEMU, QTest
+
 from kvmkit.devices.uart16550 import FCR, IER, IIR, LCR, LSR, MCR, MSR, RBR, SCR, THR, Uart16550
 
-QEMU = shutil.which("qemu-system-x86_64")
 COM1 = 0x3F8
 IRQ_LINE = 4
 
@@ -69,63 +66,6 @@ def _load_probes():
 
 
 probes = _load_probes()
-
-
-class QTest:
-    """One frozen QEMU PC driven over the qtest text protocol."""
-
-    def __init__(self) -> None:
-        assert QEMU is not None
-        self.proc = subprocess.Popen(
-            [QEMU, "-machine", "pc", "-display", "none", "-nodefaults", "-serial", "null",
-             "-S", "-qtest", "stdio", "-qtest-log", os.devnull],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )
-        self._buf = b""
-        self.irq: dict[int, bool] = {}
-        self.cmd("irq_intercept_in ioapic")
-
-    def _line(self, sent: str) -> str:
-        """One reply line; reads the pipe unbuffered so select() sees all pending data."""
-        assert self.proc.stdout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            ready, _, _ = select.select([fd], [], [], 10)
-            if not ready:
-                raise TimeoutError(f"QEMU did not answer {sent!r}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(f"QEMU exited (rc={self.proc.poll()}) on {sent!r}")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode().strip()
-
-    def cmd(self, line: str) -> str:
-        assert self.proc.stdin
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
-        while True:
-            reply = self._line(line)
-            if reply.startswith("IRQ "):
-                _, what, num = reply.split()
-                self.irq[int(num)] = what == "raise"
-                continue
-            if reply.startswith("FAIL"):
-                raise RuntimeError(f"qtest: {line!r} -> {reply}")
-            return reply
-
-    def outb(self, port: int, value: int) -> None:
-        assert self.cmd(f"outb {port:#x} {value:#x}") == "OK"
-
-    def inb(self, port: int) -> int:
-        reply = self.cmd(f"inb {port:#x}")
-        assert reply.startswith("OK ")
-        return int(reply.split()[1], 16)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 class Pair:
@@ -179,7 +119,7 @@ class Pair:
 
 @pytest.fixture
 def pair():
-    q = QTest()
+    q = QTest(intercept_ioapic=True)
     try:
         p = Pair(q)
         p.write(MCR, 0x00)  # difference 1
