@@ -1,0 +1,154 @@
+"""What a virtio device and its transport promise each other, and the bookkeeping devices share."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol, Sequence
+
+from .queue import Chain, Virtqueue
+
+
+class VirtioEvents(Protocol):
+    """What a device may ask of its transport once activated (any thread)."""
+
+    def used(self, queue: int) -> None:
+        """Send the used-buffer notification of ``queue`` (after ``should_notify()`` said so)."""
+        ...
+
+    def config_changed(self) -> None:
+        """The device configuration changed: bump config_generation, send the config notification."""
+        ...
+
+
+class VirtioDevice(Protocol):
+    """A virtio device model as a transport drives it.
+
+    Threading: ``config_read``/``config_write``/``activate``/``reset`` come
+    from a vCPU thread with the transport's register lock held;
+    ``queue_notify`` comes from whichever thread saw the doorbell (an
+    ioeventfd thread, or a vCPU for a trapped write). The device serialises
+    its queue work with its own lock; ``reset`` takes that lock, so it waits
+    for a request in flight to finish and no queue is touched afterwards.
+    """
+
+    device_type: int
+    num_queues: int
+    queue_max_size: int
+    config_size: int
+    features: int  # device-type feature bits offered (the transport adds the ring ones)
+
+    def config_read(self, offset: int, size: int) -> int: ...
+
+    def config_write(self, offset: int, size: int, value: int) -> None: ...
+
+    def activate(self, features: int, queues: Sequence[Virtqueue], events: VirtioEvents) -> None:
+        """DRIVER_OK: start serving ``queues`` (indexed like the device's queues) with ``features``."""
+        ...
+
+    def queue_notify(self, index: int) -> None:
+        """The driver made buffers available on queue ``index`` (may arrive before activate or after reset)."""
+        ...
+
+    def reset(self) -> None:
+        """Back to the just-created state; after it returns the device holds no view of guest RAM."""
+        ...
+
+
+class VirtioDeviceBase:
+    """The bookkeeping every device model shares: its lock, activation and reset.
+
+    Subclasses set the class attributes of :class:`VirtioDevice`, return
+    their configuration space from :meth:`config_bytes` and serve queues in
+    :meth:`_notify` (called with :attr:`lock` held, only while active).
+    """
+
+    device_type = 0
+    num_queues = 1
+    queue_max_size = 256
+    features = 0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = False
+        self.driver_features = 0
+        self.queues: list[Virtqueue] = []
+        self.events: VirtioEvents | None = None
+
+    # --- configuration space -----------------------------------------------------
+    def config_bytes(self) -> bytes:
+        """The device configuration structure as the driver sees it (little-endian)."""
+        return b""
+
+    @property
+    def config_size(self) -> int:
+        return len(self.config_bytes())
+
+    def config_read(self, offset: int, size: int) -> int:
+        if offset < 0 or size not in (1, 2, 4, 8):
+            return 0
+        # No lock: a vCPU must not wait behind a request in flight, and the
+        # transport's config_generation covers a change between two reads.
+        chunk = self.config_bytes()[offset:offset + size]
+        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """Configuration fields are read-only unless a device says otherwise."""
+
+    # --- lifecycle -------------------------------------------------------------------
+    def has(self, bit: int) -> bool:
+        return bool(self.driver_features >> bit & 1)
+
+    def activate(self, features: int, queues: Sequence[Virtqueue], events: VirtioEvents) -> None:
+        with self.lock:
+            self.driver_features = features
+            self.queues = list(queues)
+            self.events = events
+            self.active = True
+            self._activated()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.active = False
+            self.driver_features = 0
+            self.queues = []
+            self.events = None
+            self._reset()
+
+    def queue_notify(self, index: int) -> None:
+        with self.lock:
+            if self.active and 0 <= index < len(self.queues):
+                self._notify(index)
+
+    def _activated(self) -> None:
+        """Hook: just activated (lock held)."""
+
+    def _reset(self) -> None:
+        """Hook: drop device state and every view of guest RAM (lock held)."""
+
+    def _notify(self, index: int) -> None:
+        """Hook: serve queue ``index`` (lock held, device active)."""
+
+    def _serve(self, index: int, handle: Callable[[Chain], int]) -> None:
+        """Complete every available chain of queue ``index`` with ``handle(chain)`` bytes written.
+
+        One interrupt per batch; notifications stay off while the batch runs
+        and are re-armed with a last look, so buffers that raced in are
+        served now rather than left for a kick that will not come. At most
+        a queue's worth per pass, so a guest refilling the ring cannot keep
+        one pass going forever."""
+        q = self.queues[index]
+        while True:
+            q.disable_notifications()
+            for _ in range(q.size):
+                chain = q.pop()
+                if chain is None:
+                    break
+                q.push(chain, handle(chain))
+            self._signal(index)
+            if not q.enable_notifications():
+                return
+
+    def _signal(self, index: int) -> None:
+        """One used-buffer notification for a batch, if the driver wants it."""
+        if self.queues[index].should_notify() and self.events is not None:
+            self.events.used(index)
