@@ -106,6 +106,9 @@ static int cmd_ticks(int argc, char **argv)
 	for (i = 0; i < 16; i++)
 		if (irq_counts[i])
 			printf("irq %d: %lu\n", i, irq_counts[i]);
+	for (i = IRQ_BASE + 16; i < SPURIOUS_VECTOR; i++)
+		if (vector_counts[i] && i != SYSCALL_VECTOR)
+			printf("vector 0x%x: %lu\n", i, vector_counts[i]);
 	printf("spurious: %lu, com1 rx bytes: %lu (dropped %lu)\n", spurious_count,
 	       serial_rx_bytes, serial_rx_dropped);
 	return 0;
@@ -260,6 +263,11 @@ static int cmd_shell(int argc, char **argv)
 }
 
 int cmd_timer_bench(int argc, char **argv);	/* timer.c */
+int cmd_lspci(int argc, char **argv);		/* pci.c */
+int cmd_virtio_blk_test(int argc, char **argv);	/* virtio_cmds.c */
+int cmd_virtio_blk_bench(int argc, char **argv);
+int cmd_virtio_console_test(int argc, char **argv);
+int cmd_virtio_rng_test(int argc, char **argv);
 
 const struct command commands[] = {
 	{ "help", "list commands", cmd_help },
@@ -280,6 +288,11 @@ const struct command commands[] = {
 	{ "ud2", "raise #UD and catch it (IDT test)", cmd_ud2 },
 	{ "serial-selftest", "<port 2-4> tx|rx <bytes>: 8250 driver xorshift32 stream test", cmd_serial_selftest },
 	{ "timer-bench", "[all|tmict|tsc-deadline|pv|pv-reg|pv-later] [n] [delta_us]: timer cycles", cmd_timer_bench },
+	{ "lspci", "[clear-virtio-bars]: PCI bus 0: ids, class, BARs (0 ones get assigned), capabilities", cmd_lspci },
+	{ "virtio-blk-test", "[irq|poll] [no-event-idx] [no-indirect] [dev=N] [seed=N] [sectors [start]]: write, flush, read back, verify", cmd_virtio_blk_test },
+	{ "virtio-blk-bench", "read|write <MiB> [req_KiB [depth]] [irq|poll] [...]: sequential I/O, TSC cycles", cmd_virtio_blk_bench },
+	{ "virtio-console-test", "[tx|rx] <bytes> [buf=N] [seed=N] [irq|poll] [...]: xorshift32 stream over port 0", cmd_virtio_console_test },
+	{ "virtio-rng-test", "<bytes> [irq|poll] [...]: read entropy, crude check", cmd_virtio_rng_test },
 	{ "shell", "(last in a script) stay in the shell", cmd_shell },
 	{ NULL, NULL, NULL },
 };

@@ -54,6 +54,7 @@ static struct {
 extern u8 intr_stack_top[];
 
 u64 irq_counts[16];
+u64 vector_counts[256];
 u64 spurious_count;
 u64 boot_tsc;
 
@@ -223,6 +224,7 @@ void trap_dispatch(struct trap_frame *f)
 		}
 		poweroff(3);
 	}
+	vector_counts[v & 0xff]++;
 	if (v == SYSCALL_VECTOR) {
 		switch (f->rax) {
 		case SYS_EXIT:

@@ -21,6 +21,10 @@ typedef __builtin_va_list va_list;
 /* ---- port I/O, MMIO, CPU ---- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
+static inline u16 mmio_read16(u64 addr) { return *(volatile u16 *)addr; }
+static inline void mmio_write8(u64 addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline void mmio_write16(u64 addr, u16 v) { *(volatile u16 *)addr = v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u64 rdtsc(void)
@@ -73,6 +77,7 @@ void poweroff(int status) __attribute__((noreturn));
 void reboot(void) __attribute__((noreturn));
 u32 lapic_id(void);
 extern u64 irq_counts[16];
+extern u64 vector_counts[256];			/* every interrupt vector >= 32 */
 extern u64 spurious_count;
 extern u64 syscalls_by_gate, syscalls_by_ud;	/* how int $0x80 arrived */
 extern u64 boot_tsc;

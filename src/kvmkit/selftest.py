@@ -18,9 +18,10 @@ SUMMARY = re.compile(
 
 
 @functools.lru_cache(maxsize=8)
-def stream(n: int) -> bytes:
-    """The self-test's bytes: xorshift32 seeded with 1, the low 8 bits of each new state."""
-    x = 1
+def stream(n: int, seed: int = 1) -> bytes:
+    """The self-test's bytes: xorshift32 from ``seed`` (1 for serial-selftest; the virtio
+    commands take seed=N), the low 8 bits of each new state."""
+    x = seed
     out = bytearray(n)
     for i in range(n):
         x ^= (x << 13) & 0xFFFFFFFF
