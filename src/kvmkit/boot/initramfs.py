@@ -16,8 +16,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import BootError
+
+if TYPE_CHECKING:
+    from .modules import ModuleFile
 
 NEWC_MAGIC = b"070701"
 HEADER_SIZE = 110
@@ -26,11 +30,14 @@ FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize",
           "devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check")
 
 INIT_MARKER = "kvmkit initramfs: /init started"
+ROOT_MARKER = "kvmkit initramfs: switching to root"  # then the device and the init it runs
+ROOT_WAIT_S = 5  # how long /init waits for the root device by default (rootdelay= overrides)
 BUSYBOX_APPLETS = (
     "sh", "ash", "ls", "cat", "echo", "mount", "umount", "uname", "poweroff", "reboot", "halt",
     "dmesg", "mkdir", "rm", "cp", "mv", "ln", "ps", "kill", "sleep", "grep", "sed", "head",
     "tail", "wc", "stty", "setsid", "cttyhack", "sync", "true", "false", "test", "[", "env",
     "printf", "date", "free", "uptime", "hexdump", "dd", "mknod", "chmod", "top", "vi", "clear",
+    "insmod", "lsmod", "rmmod", "switch_root", "findfs", "usleep", "cut", "tr",
 )
 
 
@@ -168,16 +175,110 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
         pos = data_end + _pad4(f["filesize"])
 
 
-def init_script(script: str | None = None) -> str:
+# The part of /init that loads modules and switches to the root disk. Shell,
+# kept as one readable block; @KVER@, @LOADS@ and @WAIT@ are filled in.
+ROOT_STAGE = r"""say() { echo "kvmkit initramfs: $*"; }
+load() {  # one line per module that will not load, then carry on: a later one may still work
+    out=$(insmod "/lib/modules/$KVER/$1" 2>&1) || say "insmod $1 failed${2:+ ($2)}: ${out##*: }; going on"
+}
+KVER='@KVER@'
+@LOADS@
+root='' fstype='' flags='' mode=ro init=/sbin/init delay=@WAIT@
+set -f  # a * in the command line stays a *
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=*) root=${arg#root=} ;;
+        rootfstype=*) fstype=${arg#rootfstype=} ;;
+        rootflags=*) flags=${arg#rootflags=} ;;
+        rootdelay=*) delay=${arg#rootdelay=} ;;
+        init=*) init=${arg#init=} ;;
+        ro) mode=ro ;;
+        rw) mode=rw ;;
+    esac
+done
+set +f
+case "$delay" in ''|*[!0-9]*) delay=@WAIT@ ;; esac  # whole seconds, or the arithmetic below fails
+mount_root() {
+    # Devices appear as their drivers probe them, asynchronously: poll, bounded.
+    dev=$root tries=$((delay * 10))
+    while :; do
+        case "$root" in
+            UUID=*|LABEL=*|PARTUUID=*) dev=$(findfs "$root" 2>/dev/null) ;;
+        esac
+        [ -n "$dev" ] && [ -b "$dev" ] && break
+        if [ "$tries" -le 0 ]; then
+            say "root device $root did not appear within $delay s; check the disk and its driver (dmesg)"
+            return 1
+        fi
+        tries=$((tries - 1))
+        usleep 100000
+    done
+    mkdir -p /newroot
+    if ! out=$(mount ${fstype:+-t "$fstype"} -o "$mode${flags:+,$flags}" "$dev" /newroot 2>&1); then
+        say "cannot mount root $dev: ${out##*: }"
+        return 1
+    fi
+    # -L first: an absolute link (/sbin/init -> /bin/busybox) would be followed into the initramfs.
+    if [ ! -L "/newroot$init" ] && [ ! -x "/newroot$init" ]; then
+        say "root $dev has no executable $init; pass init= or fix the root file system"
+        umount /newroot
+        return 1
+    fi
+}
+if [ -n "$root" ]; then
+    if mount_root; then
+        say "switching to root $dev ($mode), running $init"
+        for fs in dev proc sys; do
+            mount --move /$fs /newroot/$fs 2>/dev/null || umount /$fs 2>/dev/null
+        done
+        exec switch_root /newroot "$init" "$@"
+    fi
+    say "staying in the initramfs shell"
+fi
+"""
+
+
+def _root_stage(version: str, modules: Sequence["ModuleFile"]) -> str:
+    """Shell that loads ``modules`` in order, then mounts ``root=`` and switch_roots to it.
+
+    Everything that can fail is checked before ``exec switch_root``: once
+    PID 1 has exec'd, a failure is a kernel panic, while a failure before it
+    is one line on the console and the initramfs shell, where it can be
+    looked into.
+    """
+    loads = []
+    for m in modules:
+        if "'" in m.relpath:
+            raise BootError(f"module path {m.relpath!r} has a quote, which the /init script cannot carry; rename the module file.")
+        loads.append(f"load '{m.relpath}'" + (" 'a soft dependency'" if m.soft else ""))
+    return (ROOT_STAGE.replace("@KVER@", version).replace("@WAIT@", str(ROOT_WAIT_S))
+            .replace("@LOADS@\n", "".join(line + "\n" for line in loads)))
+
+
+def init_script(script: str | None = None, modules: Sequence["ModuleFile"] | None = None,
+                version: str | None = None) -> str:
     """The /init shell script: mount the pseudo filesystems, say so, then run a shell or ``script``.
 
     The marker line lets a test see userspace start without a prompt to parse.
     After the shell (or the script) exits it powers off, because /init
     exiting would make the kernel panic.
+
+    With ``modules`` (a load order from :func:`kvmkit.boot.modules.resolve_modules`,
+    possibly empty) it also insmods them, one line per failure, and when the
+    command line has ``root=`` mounts that device and switch_roots to its
+    init; if that fails it says why in one line and carries on as above.
     """
     body = script if script is not None else (
         "# A shell with a controlling terminal, so job control and ^C work.\n"
         "setsid cttyhack sh || sh\n")
+    stage = ""
+    if modules is not None:
+        version = version or (modules[0].version if modules else "")
+        if any(m.version != version for m in modules):
+            raise BootError("the modules given for the initramfs belong to different kernel versions; resolve them from one module tree.")
+        if "'" in version or "/" in version:
+            raise BootError(f"{version!r} is not a kernel version /init can use; pass the version 'uname -r' prints.")
+        stage = _root_stage(version, modules)
     return (
         "#!/bin/sh\n"
         "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n"
@@ -185,13 +286,31 @@ def init_script(script: str | None = None) -> str:
         "mount -t sysfs sysfs /sys\n"
         "mount -t devtmpfs devtmpfs /dev 2>/dev/null\n"
         f"echo '{INIT_MARKER}'\n"
+        f"{stage}"
         f"{body.rstrip()}\n"
         "poweroff -f\n"
     )
 
 
+def module_entries(modules: Sequence["ModuleFile"]) -> list[CpioEntry]:
+    """The modules as plain .ko files under lib/modules/<version>/, each directory before its files."""
+    out: list[CpioEntry] = []
+    made: set[str] = {"lib"}
+    out.append(directory("lib"))
+    for m in modules:
+        parts = m.dest.split("/")[:-1]
+        for i in range(2, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                made.add(d)
+                out.append(directory(d))
+        out.append(file(m.dest, m.read(), 0o644))
+    return out
+
+
 def busybox_initramfs(busybox: Path | None = None, script: str | None = None, compress: bool = False,
-                      extra: list[CpioEntry] | None = None) -> bytes:
+                      extra: list[CpioEntry] | None = None,
+                      modules: Sequence["ModuleFile"] | None = None) -> bytes:
     """A minimal system from a static busybox: /bin/busybox, applet links, /dev/console and /init.
 
     The binary must be static (Debian's busybox-static), since the archive
@@ -199,6 +318,12 @@ def busybox_initramfs(busybox: Path | None = None, script: str | None = None, co
     ``extra`` entries (a module, a test program) are appended after /init;
     a directory they live in must come before them in ``extra`` unless the
     base layout already has it.
+
+    ``modules`` (from :func:`kvmkit.boot.modules.resolve_modules`) are packed
+    decompressed under /lib/modules/<version>/ and /init loads them, then
+    mounts ``root=`` if the command line has one (see :func:`init_script`):
+    a distribution kernel needs its virtio and ext4 modules before it can
+    see a root disk. Without ``modules`` /init is what it always was.
     """
     if busybox is None:
         busybox = next((p for p in (Path("/bin/busybox"), Path("/usr/bin/busybox")) if p.exists()), Path("/bin/busybox"))
@@ -216,6 +341,9 @@ def busybox_initramfs(busybox: Path | None = None, script: str | None = None, co
     entries.append(chardev("dev/null", 1, 3, 0o666))
     entries.append(file("bin/busybox", binary, 0o755))
     entries += [symlink(f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS]
-    entries.append(file("init", init_script(script).encode(), 0o755))
+    entries.append(file("init", init_script(script, modules).encode(), 0o755))
+    if modules is not None:
+        entries.append(directory("newroot"))
+        entries += module_entries(modules)
     entries += extra or []
     return write_cpio(entries, compress)
