@@ -155,7 +155,7 @@ def test_stalled_host_end_loses_nothing_and_the_vcpu_keeps_running():
         assert stalled_once.wait(120)
         # Wait until the output buffer is full and the guest is held back.
         deadline = time.monotonic() + 60
-        while port.counters.output_stalls == 0 and len(port.outbuf) < port.output_limit:
+        while port.counters.output_stalls == 0 and len(port.stream.outbuf) < port.stream.output_limit:
             assert time.monotonic() < deadline, "the stalled host end never filled the output bound"
             time.sleep(0.05)
         held = len(got)
