@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import KvmkitError
 from .host.backends import Backend, NullBackend, SocketPairBackend
-from .machine.config import VmConfig
+from .machine.config import DiskSpec, VmConfig
 from .machine.machine import Machine
 
 
@@ -117,16 +117,28 @@ class VirtualMachine:
                  append: str | None = None, script: str | None = None, mem: str | int = "256M",
                  cpus: int = 1, serial_fifo: bool = True, serial_pace: bool = False,
                  extra_ports: list[Backend | None] | None = None,
-                 cpuid_clear: dict[tuple[int, str], int] | None = None, quirks: str = "auto") -> None:
+                 cpuid_clear: dict[tuple[int, str], int] | None = None, quirks: str = "auto",
+                 disks: list[str | DiskSpec] | None = None, rng: bool = False, console: str = "serial",
+                 virtio_console: Backend | None = None) -> None:
+        """``extra_ports``: backends for COM2-COM4 (None: no such port). ``disks``: ``PATH[,ro][,serial=ID]``
+        strings or DiskSpecs, virtio-blk. ``console="virtio"`` puts :attr:`console` on hvc0 (COM1 keeps
+        the early boot messages, into the same tap). ``virtio_console``: a virtio-console device with
+        its own backend, beside a serial console."""
         ports = extra_ports if extra_ports is not None else [NullBackend(), NullBackend(), NullBackend()]
         config = VmConfig(kernel=Path(kernel) if kernel is not None else None,
                           initrd=Path(initrd) if initrd is not None else None,
                           cmdline=append, script=script or None, mem_size=mem, cpus=cpus,  # type: ignore[arg-type]
                           serial=["none"] + ["off" if b is None else "none" for b in ports[:3]],
                           serial_fifo=serial_fifo, serial_pace=serial_pace,
-                          cpuid_clear=dict(cpuid_clear or {}), quirks=quirks)
+                          cpuid_clear=dict(cpuid_clear or {}), quirks=quirks,
+                          disks=list(disks or []), rng=rng, console=console,  # type: ignore[arg-type]
+                          virtio_console=virtio_console is not None)
         self.console_backend = SocketPairBackend()
-        self.machine = Machine(config, backends=[self.console_backend, *ports])
+        backends: dict[str, Backend | None] = {"COM1": self.console_backend}
+        backends.update({f"COM{i + 2}": b for i, b in enumerate(ports[:3])})
+        if virtio_console is not None:
+            backends["hvc0"] = virtio_console
+        self.machine = Machine(config, backends=backends)
         self.console = ConsoleTap(self.console_backend.peer)
         try:
             self.boot_info = self.machine.load()

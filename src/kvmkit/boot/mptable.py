@@ -48,7 +48,12 @@ HEADER_SIZE = 44
 PROCESSOR_SIZE = 20
 ENTRY_SIZE = 8
 ISA_BUS_ID = 0
+PCI_BUS_TYPE = b"PCI   "
+ISA_BUS_TYPE = b"ISA   "
 ISA_IRQS = 16
+# PCI interrupt entries: level-triggered, active high (the line kvmkit drives
+# is the OR of its sources; KVM's IOAPIC takes "high" as asserted).
+PCI_INT_FLAGS = 0x0D  # polarity 01 (active high), trigger 11 (level)
 TIMER_IRQ = 0
 TIMER_PIN = 2
 CASCADE_IRQ = 2  # the PIC cascade: no device interrupt, and pin 2 already carries IRQ 0
@@ -59,31 +64,45 @@ def checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def config_table_size(ncpus: int) -> int:
-    n_intsrc = ISA_IRQS - 1
-    return HEADER_SIZE + ncpus * PROCESSOR_SIZE + ENTRY_SIZE * (1 + 1 + n_intsrc + 2)
+def build_config_table(ncpus: int, pci_irqs: list[tuple[int, int]] | None = None) -> bytes:
+    """The MP configuration table (header and base entries) for ``ncpus`` CPUs.
 
-
-def build_config_table(ncpus: int) -> bytes:
-    """The MP configuration table (header and base entries) for ``ncpus`` CPUs."""
+    ``pci_irqs`` lists (slot, ISA IRQ) for the INTA# of each device on PCI
+    bus 0; with it the table gains a PCI bus (ID 0; the ISA bus becomes ID
+    1) and one level-triggered interrupt source per device, on the IOAPIC
+    pin of that IRQ, whose ISA entry is then left out.
+    """
     if not 1 <= ncpus <= MAX_CPUS:
         raise BootError(f"the MP table can describe 1 to {MAX_CPUS} CPUs, not {ncpus}; choose a CPU count in that range.")
     ioapic_id = ncpus
+    isa_bus = ISA_BUS_ID if pci_irqs is None else ISA_BUS_ID + 1
+    pci_pins = {irq for _slot, irq in pci_irqs or ()}
     entries = bytearray()
+    count = 0
+
+    def add(entry: bytes) -> None:
+        nonlocal count
+        entries.extend(entry)
+        count += 1
+
     for apic_id in range(ncpus):
         flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if apic_id == 0 else 0)
-        entries += struct.pack("<BBBBII8x", MP_PROCESSOR, apic_id, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES)
-    entries += struct.pack("<BB6s", MP_BUS, ISA_BUS_ID, b"ISA   ")
-    entries += struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 0x01, IOAPIC_ADDR)
+        add(struct.pack("<BBBBII8x", MP_PROCESSOR, apic_id, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES))
+    if pci_irqs is not None:
+        add(struct.pack("<BB6s", MP_BUS, 0, PCI_BUS_TYPE))
+    add(struct.pack("<BB6s", MP_BUS, isa_bus, ISA_BUS_TYPE))
+    add(struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 0x01, IOAPIC_ADDR))
     for irq in range(ISA_IRQS):
-        if irq == CASCADE_IRQ:
+        if irq == CASCADE_IRQ or irq in pci_pins:
             continue
         pin = TIMER_PIN if irq == TIMER_IRQ else irq
         # flags 0: polarity and trigger "conform to the bus" (ISA: active high, edge)
-        entries += struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, 0, ISA_BUS_ID, irq, ioapic_id, pin)
-    entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, 0, ISA_BUS_ID, 0, 0xFF, 0)  # LINT0 of all CPUs
-    entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_NMI, 0, ISA_BUS_ID, 0, 0xFF, 1)  # LINT1 of all CPUs
-    count = ncpus + 1 + 1 + (ISA_IRQS - 1) + 2
+        add(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, 0, isa_bus, irq, ioapic_id, pin))
+    for slot, irq in pci_irqs or ():
+        # Source bus IRQ for PCI: device number in bits 6:2, INTA# = 0 in bits 1:0.
+        add(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, PCI_INT_FLAGS, 0, slot << 2, ioapic_id, irq))
+    add(struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, 0, isa_bus, 0, 0xFF, 0))  # LINT0 of all CPUs
+    add(struct.pack("<BBHBBBB", MP_LINTSRC, MP_NMI, 0, isa_bus, 0, 0xFF, 1))  # LINT1 of all CPUs
     length = HEADER_SIZE + len(entries)
     header = bytearray(struct.pack(
         "<4sHBB8s12sIHHIHBB",
@@ -101,7 +120,7 @@ def build_floating_pointer(config_addr: int) -> bytes:
     return bytes(fp)
 
 
-def write_mptable(mem: GuestMemory, ncpus: int) -> int:
+def write_mptable(mem: GuestMemory, ncpus: int, pci_irqs: list[tuple[int, int]] | None = None) -> int:
     """Write the MP table into the reserved BIOS area and return the floating pointer's address.
 
     The floating pointer sits in the last KiB of base memory, one of the
@@ -109,7 +128,7 @@ def write_mptable(mem: GuestMemory, ncpus: int) -> int:
     (up to 40 CPUs) and otherwise goes to 0xf0000, also inside the area
     that the e820 map reserves.
     """
-    table = build_config_table(ncpus)
+    table = build_config_table(ncpus, pci_irqs)
     fp_addr = layout.MPTABLE_ADDR
     if FLOATING_SIZE + len(table) <= 0x400:
         config_addr = fp_addr + FLOATING_SIZE

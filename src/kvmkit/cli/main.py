@@ -38,6 +38,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="model a FIFO-less 8250 (the old kvm tool's UART), for comparison")
     p.add_argument("--serial-pace", action="store_true",
                    help="send serial output at the baud rate the guest programmed (real timing); off by default")
+    p.add_argument("-d", "--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                   help="a raw disk image or block device as virtio-blk (vda, vdb, ...); repeatable")
+    p.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                   help="the guest's console: COM1 (serial) or virtio-console hvc0 (COM1 keeps early boot messages)")
+    p.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's getrandom()")
     p.add_argument("--stats", action="store_true", help="print exit statistics when the VM stops")
     p.add_argument("--stats-json", metavar="FILE", help="write exit statistics as JSON to FILE")
     p.add_argument("--cpuid-clear", action="append", default=[], metavar="LEAF:REG:BIT",
@@ -50,13 +55,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace) -> "VmConfig":
     """The VmConfig that ``kvmkit run``'s options describe."""
-    from ..machine.config import VmConfig, parse_cpuid_clear, parse_serial_specs, parse_size
+    from ..machine.config import VmConfig, parse_cpuid_clear, parse_disk, parse_serial_specs, parse_size
 
     script = " ".join(w for w in args.script if w != "--").strip() or None
     return VmConfig(kernel=Path(args.kernel) if args.kernel else None, initrd=Path(args.initrd) if args.initrd else None,
                     cmdline=args.append, script=script, mem_size=parse_size(args.mem), cpus=args.cpus,
                     serial=parse_serial_specs(args.serial), serial_fifo=not args.serial_nofifo,
-                    serial_pace=args.serial_pace, quirks=args.quirks, cpuid_clear=parse_cpuid_clear(args.cpuid_clear))
+                    serial_pace=args.serial_pace, quirks=args.quirks, cpuid_clear=parse_cpuid_clear(args.cpuid_clear),
+                    disks=[parse_disk(d) for d in args.disk], console=args.console, rng=args.rng)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -231,6 +231,24 @@ class UnixSocketBackend(FdBackend):
                 pass
 
 
+class SharedOutputBackend(Backend):
+    """Output only, into another backend's output: COM1's early boot messages on the terminal
+    (or socket) that the virtio console owns. Opening and closing stay with the owner."""
+
+    def __init__(self, owner: Backend) -> None:
+        self.owner = owner
+        self.name = f"shared:{owner.name}"
+
+    # No output_fd of its own: the owner's stream watches that fd, and one fd
+    # has one writer callback in the loop; a stalled share is retried on a timer.
+
+    def read(self, n: int) -> bytes | None:
+        return b""
+
+    def write(self, data: bytes) -> int:
+        return self.owner.write(data)
+
+
 class SocketPairBackend(FdBackend):
     """One end of a socket pair; the other end is handed to a program (the Python API, tests)."""
 

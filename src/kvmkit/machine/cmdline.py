@@ -2,7 +2,8 @@
 
 Who contributes, in the order the words appear:
 
-1. the machine's defaults: ``console=ttyS0`` (its console is COM1), and
+1. the machine's defaults: ``console=ttyS0`` (its console is COM1; with
+   ``--console virtio``, ``console=hvc0`` and an early console on COM1), and
    ``pci=off`` while the machine has no PCI devices (a Linux kernel would
    otherwise probe configuration ports nothing answers);
 2. the host quirk profile's additions (machine/quirks.py), for Linux only;
@@ -21,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT_CONSOLE = "console=ttyS0"
+# With the console on virtio (hvc0, a module), boot messages go to COM1
+# through the early console until hvc0 registers and takes over: the two
+# never print the same line twice.
+VIRTIO_CONSOLE = ("earlycon=uart8250,io,0x3f8,115200", "console=hvc0")
 
 
 def param_key(word: str) -> str:
@@ -39,7 +44,7 @@ def split_init_args(cmdline: str) -> tuple[str, str | None]:
 
 
 def build_cmdline(user: str | None, *, linux: bool, pci: bool = False, quirk_params: Sequence[str] = (),
-                  script: str | None = None) -> str:
+                  script: str | None = None, virtio_console: bool = False) -> str:
     """The command line for a guest: the defaults, the quirk profile's words, then the user's.
 
     ``user`` None means the user gave no command line; ``script`` is the
@@ -48,7 +53,7 @@ def build_cmdline(user: str | None, *, linux: bool, pci: bool = False, quirk_par
     head, init_args = split_init_args(user or "")
     user_words = head.split()
     given = {param_key(w) for w in user_words}
-    ours = [DEFAULT_CONSOLE]
+    ours = list(VIRTIO_CONSOLE) if linux and virtio_console else [DEFAULT_CONSOLE]
     if linux:
         if not pci:
             ours.append("pci=off")

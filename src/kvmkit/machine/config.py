@@ -84,6 +84,42 @@ def parse_cpuid_clear(items: list[str]) -> dict[tuple[int, str], int]:
     return out
 
 
+CONSOLES = ("serial", "virtio")
+MAX_DISKS = 16
+SERIAL_ID_MAX = 20  # virtio-blk GET_ID returns at most 20 bytes
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One ``--disk``: a raw image file or block device, read-only or not, with the serial GET_ID reports."""
+
+    path: Path
+    read_only: bool = False
+    serial: str | None = None
+
+
+def parse_disk(text: str) -> DiskSpec:
+    """``PATH[,ro][,serial=ID]`` -> DiskSpec (options are the trailing comma words; a path may hold commas)."""
+    parts = text.split(",")
+    read_only = False
+    serial = None
+    while len(parts) > 1:
+        word = parts[-1]
+        if word in ("ro", "rw"):
+            read_only = word == "ro"
+        elif word.startswith("serial="):
+            serial = word[len("serial="):]
+        else:
+            break
+        parts.pop()
+    path = ",".join(parts)
+    if not path:
+        raise KvmkitError(f"--disk {text!r} names no file; write PATH[,ro][,serial=ID].")
+    if serial is not None and (len(serial.encode()) > SERIAL_ID_MAX or not serial.isprintable()):
+        raise KvmkitError(f"disk serial {serial!r} must be at most {SERIAL_ID_MAX} printable bytes.")
+    return DiskSpec(Path(path), read_only, serial)
+
+
 @dataclass
 class VmConfig:
     """A machine as the user asked for it. Validated when built; plain values only.
@@ -110,6 +146,15 @@ class VmConfig:
     cpuid_clear: dict[tuple[int, str], int] = field(default_factory=dict)
     quirks: str = "auto"           # host quirk profile (machine/quirks.py)
     pv_clockevent: bool = True     # paravirtual clock event device (docs/pv-clockevent.md); needs irqchip
+    disks: list[DiskSpec] = field(default_factory=list)   # virtio-blk, vda, vdb, ... (docs/virtio.md)
+    console: str = "serial"        # where the guest's console is: COM1, or virtio-console (hvc0)
+    virtio_console: bool = False   # a virtio-console device (always with console="virtio")
+    rng: bool = False              # virtio-rng, fed from getrandom()
+
+    @property
+    def has_pci(self) -> bool:
+        """Whether the machine gets a PCI bus (it does as soon as it has a PCI device)."""
+        return bool(self.disks) or self.virtio_console or self.rng
 
     def __post_init__(self) -> None:
         if isinstance(self.mem_size, str):
@@ -133,5 +178,17 @@ class VmConfig:
             backend_kind(spec)
         if self.quirks not in QUIRK_PROFILES:
             raise KvmkitError(f"unknown quirk profile {self.quirks!r}; choose one of {', '.join(QUIRK_PROFILES)}.")
+        self.disks = [parse_disk(d) if isinstance(d, str) else d for d in self.disks]
+        if len(self.disks) > MAX_DISKS:
+            raise KvmkitError(f"{len(self.disks)} disks is more than kvmkit supports; give at most {MAX_DISKS}.")
+        if self.console not in CONSOLES:
+            raise KvmkitError(f"unknown console {self.console!r}; choose {' or '.join(CONSOLES)}.")
+        if self.console == "virtio":
+            self.virtio_console = True
+            if self.serial[0] == "off":
+                raise KvmkitError("--console virtio takes COM1's backend (and keeps COM1 for early boot messages); "
+                                  "do not turn COM1 off.")
+        if self.has_pci and not self.irqchip:
+            raise KvmkitError("PCI devices need the in-kernel irqchip; drop --disk/--rng/--console virtio or enable it.")
         if self.script is not None and self.kernel is not None:
             raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 from ..boot.linux import BootInfo, load_linux, open_kernel
 from ..devices.cmos import Cmos
 from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.misc import I8042, ExitPort, PortSink
 from ..errors import KvmkitError
-from ..host.backends import Backend, parse_backend
+from ..devices.virtio.blk import VirtioBlk
+from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.rng import VirtioRng
+from ..host.backends import Backend, NullBackend, SharedOutputBackend, parse_backend
+from ..host.blockfile import RawImage
 from ..host.files import read_user_file
 from ..host.loop import EventLoop
 from ..kvm.constants import Cap
@@ -29,13 +34,16 @@ from .bus import Bus, OffsetWindow
 from .cmdline import build_cmdline
 from .config import VmConfig
 from .cpu import build_cpuid, set_long_mode
+from .hvc import VirtioConsoleEnd
 from .irq import GsiRoutes, IrqLine
 from .lifecycle import EXIT_PORT, QUIT, RESET, Lifecycle, Outcome, PoweroffWatch, require_kick_handler
 from .pc import I8042_COMMAND, I8042_DATA, IDENTITY_MAP_ADDR, TSS_ADDR, PcMap
+from .pci import PciHost
 from .pvclockevent import PvClockEvents
 from .quirks import Quirks, make_quirks
 from .serial import SerialPort
 from .vcpu import VcpuRunner
+from .virtio import VirtioPciDevice
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +55,9 @@ REQUIRED_CAPS = {Cap.IRQCHIP: "an in-kernel irqchip", Cap.USER_MEMORY: "user mem
 class Machine:
     """One VM. Build it from a config, :meth:`load` its kernel, :meth:`run` it."""
 
-    def __init__(self, config: VmConfig, backends: list[Backend | None] | None = None) -> None:
-        """``backends`` (one per COM port, None = no port) replaces the config's serial specs:
-        the Python API hands in socket pairs."""
+    def __init__(self, config: VmConfig, backends: dict[str, Backend | None] | None = None) -> None:
+        """``backends`` ("COM1".."COM4", "hvc0"; None = no such port) replaces the config's
+        serial specs for the ports it names: the Python API hands in socket pairs."""
         self.config = config
         self.pc = PcMap(config)
         self.lifecycle = Lifecycle()
@@ -64,6 +72,10 @@ class Machine:
         self.irq_lines: dict[int, IrqLine] = {}
         self.kvm_stats: dict[int, StatsReader] = {}
         self.pvclockevent: PvClockEvents | None = None
+        self.pci: PciHost | None = None
+        self.virtio: list[VirtioPciDevice] = []
+        self.disk_images: list[RawImage] = []
+        self.hvc: VirtioConsoleEnd | None = None
         self.quirks: Quirks | None = None
         self.boot_info: BootInfo | None = None
         self._watch_poweroff = False
@@ -74,7 +86,7 @@ class Machine:
             raise
 
     # --- construction --------------------------------------------------------
-    def _build(self, backends: list[Backend | None] | None) -> None:
+    def _build(self, backends: dict[str, Backend | None] | None) -> None:
         cfg = self.config
         kvm = self.kvm
         kvm.require(REQUIRED_CAPS)
@@ -130,7 +142,7 @@ class Machine:
         bus = self.pio_bus if p.space == "pio" else self.mmio_bus
         bus.register(p.base, p.size, device, name)  # type: ignore[arg-type]
 
-    def _build_devices(self, backends: list[Backend | None] | None) -> None:
+    def _build_devices(self, backends: dict[str, Backend | None] | None) -> None:
         cfg = self.config
         assert self.mem is not None and self.vm is not None
         stop = self.lifecycle.stop
@@ -146,18 +158,56 @@ class Machine:
         self._place("cmos", self.cmos)
         if self.pc.has_pv_clockevent:
             self.pvclockevent = PvClockEvents(self.vm, self.mem, self.pc, self.mmio_bus, self.loop, self.gsi_routes)
+        ports = self._console_backends(backends or {})
         for idx, p in self.pc.serial_ports():
-            if backends is not None:
-                backend = backends[idx] if idx < len(backends) else None
-                if backend is None:
-                    continue
-            else:
-                backend = parse_backend(cfg.serial[idx], self._console_command)
+            backend = ports.get(p.name)
+            if backend is None:
+                continue
             assert p.irq is not None
             port = SerialPort(p.name, self.loop, backend, self.irq_line(p.irq).source(), fifo=cfg.serial_fifo,
                               pace=cfg.serial_pace)
             self._place(p.name, port)
             self.serial_ports.append(port)
+        if cfg.has_pci:
+            self._build_pci(ports.get("hvc0"))
+
+    def _console_backends(self, given: dict[str, Backend | None]) -> dict[str, Backend | None]:
+        """Each console port's backend: the caller's, else the config's spec. With the console on
+        virtio, hvc0 takes COM1's backend and COM1 writes its early messages into it too."""
+        cfg = self.config
+        out: dict[str, Backend | None] = {}
+        for idx, p in self.pc.serial_ports():
+            out[p.name] = given[p.name] if p.name in given else parse_backend(cfg.serial[idx], self._console_command)
+        if cfg.virtio_console:
+            if "hvc0" in given:
+                out["hvc0"] = given["hvc0"]
+            elif cfg.console == "virtio" and out.get("COM1") is not None:
+                owner = out["COM1"]
+                assert owner is not None
+                out["hvc0"] = owner
+                out["COM1"] = SharedOutputBackend(owner)
+            else:
+                out["hvc0"] = NullBackend()
+        return out
+
+    def _build_pci(self, hvc_backend: Backend | None) -> None:
+        cfg = self.config
+        assert self.mem is not None and self.vm is not None
+        self.pci = PciHost(self.pio_bus, self.mmio_bus, self.pc, max(r.end for r in self.mem.regions), self.irq_line)
+        for i, disk in enumerate(cfg.disks):
+            image = RawImage(disk.path, read_only=disk.read_only, serial=disk.serial)
+            self.disk_images.append(image)
+            self._add_virtio(f"virtio-blk{i}", VirtioBlk(image, serial=disk.serial), worker=True)
+        if cfg.virtio_console:
+            self.hvc = VirtioConsoleEnd("hvc0", self.loop, hvc_backend if hvc_backend is not None else NullBackend())
+            self._add_virtio("virtio-console", self.hvc.console, worker=False)
+        if cfg.rng:
+            self._add_virtio("virtio-rng", VirtioRng(os.getrandom), worker=False)
+
+    def _add_virtio(self, name: str, device: VirtioDevice, worker: bool) -> None:
+        assert self.mem is not None and self.vm is not None and self.pci is not None
+        self.virtio.append(VirtioPciDevice(name, device, vm=self.vm, mem=self.mem, pci=self.pci,
+                                           routes=self.gsi_routes, loop=self.loop, worker=worker))
 
     def _console_command(self, cmd: str) -> None:
         """A Ctrl-A command typed on the terminal (host/terminal.py)."""
@@ -173,7 +223,9 @@ class Machine:
             self._console_note(ESCAPE_HELP)
 
     def _console_note(self, text: str) -> None:
-        if self.serial_ports:
+        if self.hvc is not None and self.config.console == "virtio":
+            self.hvc.host_note(text)
+        elif self.serial_ports:
             self.serial_ports[0].host_note(text)
 
     # --- loading ---------------------------------------------------------------
@@ -188,12 +240,13 @@ class Machine:
             image = read_user_file(cfg.kernel, "kernel", cfg.mem_size)
         initrd = read_user_file(cfg.initrd, "initrd", cfg.mem_size) if cfg.initrd is not None else None
         kernel = open_kernel(image)
-        cmdline = build_cmdline(cfg.cmdline, linux=kernel.is_linux, pci=False,
+        cmdline = build_cmdline(cfg.cmdline, linux=kernel.is_linux, pci=cfg.has_pci,
                                 quirk_params=self.quirks.cmdline_params() if kernel.is_linux else (),
-                                script=cfg.script)
+                                script=cfg.script, virtio_console=cfg.console == "virtio")
         # Poweroff without ACPI: Linux halts with interrupts off on every CPU.
         self._watch_poweroff = kernel.is_linux
-        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus)
+        pci_irqs = [(slot, irq) for slot, irq in self.pci.intx.items()] if self.pci is not None else None
+        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus, pci_irqs=pci_irqs)
         self.boot_info = info
         set_long_mode(self.runners[0].vcpu, info)
         return info
@@ -233,6 +286,8 @@ class Machine:
     def start(self) -> None:
         """Start the host loop, the serial ports and the vCPU threads."""
         require_kick_handler()
+        if self.hvc is not None:
+            self.hvc.start()  # it opens the backend COM1 may share
         for port in self.serial_ports:
             port.start()
         self.loop.start()
@@ -267,7 +322,7 @@ class Machine:
             self.lifecycle.stop(0, "shut down by kvmkit")
         self.wait(10)
         self.loop.stop()
-        for port in self.serial_ports:
+        for port in [*self.serial_ports, *([self.hvc] if self.hvc is not None else [])]:
             try:
                 port.close()
             except Exception:
@@ -289,8 +344,11 @@ class Machine:
     def stats_table(self) -> str:
         lines = [format_exit_table(self.exit_stats(), self.in_kernel_stats())]
         lines += [s for s in (self.pio_bus.summary(), self.mmio_bus.summary()) if s]
-        lines += [p.counters.summary(p.name) for p in self.serial_ports
+        lines += [p.counters.summary(p.name) for p in [*self.serial_ports, *([self.hvc] if self.hvc else [])]
                   if p.counters.host_bytes_out or p.counters.host_bytes_in]
+        if self.pci is not None:
+            lines.append(f"pci: {self.pci.config_accesses()} configuration space accesses")
+            lines += [d.stats() for d in self.virtio]
         return "\n".join(lines)
 
     # --- teardown ----------------------------------------------------------------------
@@ -298,6 +356,15 @@ class Machine:
         self.loop.stop()  # no host callback runs while device host ends go
         if self.pvclockevent is not None:
             self.pvclockevent.close()
+        for dev in self.virtio:
+            try:
+                dev.close()  # before RAM goes: no device may hold a view of it
+            except Exception:
+                log.exception("closing %s failed", dev.name)
+        self.virtio = []
+        for image in self.disk_images:
+            image.close()
+        self.disk_images = []
         try:
             self.loop.close()
         except Exception:

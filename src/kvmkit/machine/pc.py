@@ -49,6 +49,12 @@ PVCE_MAX_CPUS = 256          # 1 MiB, below the IOAPIC
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
+PCI_CONFIG_PORT = 0xCF8              # configuration mechanism #1: CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC
+PCI_CONFIG_SPAN = 8
+# ISA IRQs for PCI INTx, one per slot while they last (slot 1 -> 11, ...): free
+# on kvmkit's PC (COM ports 3/4, RTC 8, PIT 0, i8042 1/12), and distinct so
+# that an edge-triggered PIC line (noapic) is never shared.
+PCI_INTX_IRQS = (11, 5, 9, 10)
 PCI_MMIO32_BASE = PCI_HOLE_START
 PCI_MMIO32_END = 0xFE00_0000         # leave 0xFE00_0000.. to the platform windows above
 PCI_MMIO64_ALIGN = 1 << 30
@@ -90,6 +96,8 @@ class PcMap:
                                   "use fewer --cpus or turn it off.")
             p += [Placement(f"pvclockevent{i}", MMIO, self.pvclockevent_window(i), PVCE_WINDOW_SIZE)
                   for i in range(config.cpus)]
+        if config.has_pci:
+            p.append(Placement("pci-config", PIO, PCI_CONFIG_PORT, PCI_CONFIG_SPAN))
         p += [Placement("ioapic", MMIO, IOAPIC_BASE, 0x1000), Placement("lapic", MMIO, LAPIC_BASE, 0x1000)]
         self.placements = sorted(p, key=lambda x: (x.space, x.base))
         self._by_name = {x.name: x for x in self.placements}
