@@ -119,6 +119,21 @@ static void ioapic_route(int pin, int irq)
 	ioapic_write(IOAPIC_REDTBL(pin), IRQ_BASE + irq);
 }
 
+static volatile u64 level_ack[256];  /* vector -> MMIO byte to read before EOI */
+
+void ioapic_route_level(int pin, int vector, u64 ack_addr)
+{
+	level_ack[vector & 0xff] = ack_addr;
+	ioapic_write(IOAPIC_REDTBL(pin) + 1, lapic_id() << 24);
+	/* fixed delivery, physical destination, active high, level (bit 15), unmasked */
+	ioapic_write(IOAPIC_REDTBL(pin), (1u << 15) | (u32)vector);
+}
+
+void ioapic_mask(int pin)
+{
+	ioapic_write(IOAPIC_REDTBL(pin), 1u << 16);
+}
+
 void irq_init(void)
 {
 	/* 8259s: remap to 0x20/0x28 (so a stray one is not an exception), mask all */
@@ -246,5 +261,7 @@ void trap_dispatch(struct trap_frame *f)
 		if (v == IRQ_BASE + 4)
 			serial_irq();
 	}
+	if (level_ack[v & 0xff])
+		(void)mmio_read8(level_ack[v & 0xff]);	/* the device lowers its line before the EOI */
 	lapic_write(LAPIC_EOI, 0);
 }

@@ -84,6 +84,11 @@ extern u64 boot_tsc;
 
 /* ---- head.S ---- */
 long run_user(long (*fn)(long, long, long), long a0, long a1, long a2);
+long user_stream_fill(long buf, long n, long seed);
+/* Route IOAPIC pin to vector, level-triggered, active high; ack_addr (a byte read before EOI,
+   e.g. a virtio ISR) deasserts the line; 0 unroutes. */
+void ioapic_route_level(int pin, int vector, u64 ack_addr);
+void ioapic_mask(int pin);
 void user_return(long value) __attribute__((noreturn));
 long user_pio_out_loop(long count, long port, long unused);
 long user_pio_in_loop(long count, long port, long unused);

@@ -14,6 +14,7 @@
 #define SPURIOUS_VECTOR	0xff
 #define WAKE_VECTOR	0x3f	/* LAPIC periodic timer bounding a driver's sti;hlt waits */
 #define VIRTIO_VECTOR_BASE 0x40	/* virtio MSI-X entry e -> vector 0x40 + e (0: config, 1 + q: queue q) */
+#define VIRTIO_INTX_VECTOR 0x4f	/* virtio INTx (intx mode): the IOAPIC pin of its Interrupt Line, level */
 
 /* int $0x80 ABI: RAX = number, RDI, RSI = arguments, result in RAX. */
 #define SYS_EXIT	0	/* exit(value): back to the kernel, run_user returns value */

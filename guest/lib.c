@@ -228,3 +228,23 @@ void puts_raw(const char *s)
 {
 	serial_write(s, strlen(s));
 }
+
+/*
+ * The self-test stream: xorshift32 from seed, the low 8 bits of each new
+ * state (kvmkit.selftest.stream on the host). Run at CPL3 with run_user,
+ * where code runs natively on a host that emulates CPL0: arguments and stack only.
+ */
+long user_stream_fill(long buf, long n, long seed)
+{
+	u8 *p = (u8 *)buf;
+	u32 x = (u32)seed;
+	long i;
+
+	for (i = 0; i < n; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (u8)x;
+	}
+	return 0;
+}

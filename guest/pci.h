@@ -7,6 +7,8 @@
 #define PCI_MAX_FUNCS	64
 
 #define PCI_COMMAND		0x04
+#define PCI_INTERRUPT_LINE	0x3c
+#define PCI_INTERRUPT_PIN	0x3d
 #define PCI_CMD_IO		0x0001
 #define PCI_CMD_MEM		0x0002
 #define PCI_CMD_MASTER		0x0004

@@ -599,22 +599,6 @@ struct check_result {
 	u32 crc;
 };
 
-/* CPL3 (native speed): fill buf with the stream. */
-static long user_fill(long buf, long n, long unused)
-{
-	u8 *p = (u8 *)buf;
-	u32 x = 1;
-	long i;
-
-	(void)unused;
-	for (i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (u8)x;
-	}
-	return 0;
-}
 
 /* CPL3: compare buf with the stream, and CRC-32 it. */
 static long user_check(long buf, long n, long result)
@@ -725,7 +709,7 @@ int cmd_serial_selftest(int argc, char **argv)
 	console_seen = serial_rx_bytes - serial_rx_dropped;
 
 	if (tx) {
-		run_user(user_fill, (long)SELFTEST_BUF, (long)n, 0);
+		run_user(user_stream_fill, (long)SELFTEST_BUF, (long)n, 1);
 		up->tx_buf = (const u8 *)SELFTEST_BUF;
 		t0 = rdtsc();
 	} else {

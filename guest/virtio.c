@@ -103,6 +103,8 @@ int virtio_parse_opts(int argc, char **argv, struct vopts *o)
 			o->irq = 1;
 		else if (!strcmp(a, "poll"))
 			o->irq = 0;
+		else if (!strcmp(a, "intx"))
+			o->irq = 2;
 		else if (!strcmp(a, "event-idx"))
 			o->event_idx = 1;
 		else if (!strcmp(a, "no-event-idx"))
@@ -248,12 +250,12 @@ u64 virtio_irqs(const struct vdev *d)
 	__asm__ volatile("sti; nop; cli" ::: "memory");
 	for (e = 0; e <= VIRTIO_MAX_QUEUES; e++)
 		n += vector_counts[VIRTIO_VECTOR_BASE + e] - d->vec_base[e];
-	return n;
+	return n + vector_counts[VIRTIO_INTX_VECTOR] - d->intx_base;
 }
 
 void virtio_print_irqs(const struct vdev *d, const char *cmd)
 {
-	int e, n = d->irq ? (int)d->msix.table_size : 0;
+	int e, n = d->irq == 1 ? (int)d->msix.table_size : 0;
 
 	if (n > VIRTIO_MAX_QUEUES + 1)
 		n = VIRTIO_MAX_QUEUES + 1;
@@ -261,6 +263,9 @@ void virtio_print_irqs(const struct vdev *d, const char *cmd)
 	for (e = 0; e < n; e++)
 		printf(" vector 0x%x %lu,", VIRTIO_VECTOR_BASE + e,
 		       vector_counts[VIRTIO_VECTOR_BASE + e] - d->vec_base[e]);
+	if (d->irq == 2)
+		printf(" intx pin %d vector 0x%x %lu,", d->intx_pin, VIRTIO_INTX_VECTOR,
+		       vector_counts[VIRTIO_INTX_VECTOR] - d->intx_base);
 	printf(" wake timer %lu, hlt %lu\n", vector_counts[WAKE_VECTOR] - d->wake_base, d->hlts);
 }
 
@@ -415,13 +420,25 @@ int virtio_open(struct vdev *d, int type, int index, u64 want, const struct vopt
 	for (i = 0; i <= VIRTIO_MAX_QUEUES; i++)
 		d->vec_base[i] = vector_counts[VIRTIO_VECTOR_BASE + i];
 	d->wake_base = vector_counts[WAKE_VECTOR];
+	d->intx_base = vector_counts[VIRTIO_INTX_VECTOR];
 	if (pci_msix_probe(d->pf, &d->msix) == 0)
 		pci_msix_enable(d->pf, &d->msix, 0);	/* whatever a previous user left */
-	else if (d->irq) {
+	else if (d->irq == 1) {
 		fail(d, "irq mode needs MSI-X, the function has none");
 		return -1;
 	}
-	if (d->irq) {
+	if (d->irq == 2) {
+		/* INTx: the ISR byte read in the interrupt handler lowers the line before the EOI */
+		d->intx_pin = pci_read8(d->pf, PCI_INTERRUPT_LINE);
+		if (!pci_read8(d->pf, PCI_INTERRUPT_PIN) || d->intx_pin == 0 || d->intx_pin >= 24) {
+			fail(d, "intx mode needs an INTx pin routed to an IOAPIC pin (Interrupt Line)");
+			virtio_close(d);
+			return -1;
+		}
+		pci_write16(d->pf, PCI_COMMAND, pci_read16(d->pf, PCI_COMMAND) & ~PCI_CMD_INTX_DISABLE);
+		ioapic_route_level(d->intx_pin, VIRTIO_INTX_VECTOR, d->isr);
+		wake_start();
+	} else if (d->irq) {
 		pci_msix_enable(d->pf, &d->msix, 1);
 		pci_msix_set_entry(&d->msix, 0, VIRTIO_VECTOR_BASE, lapic_id(), 0);
 		cc_write16(d, CC_MSIX_CONFIG, 0);
@@ -541,8 +558,13 @@ void virtio_close(struct vdev *d)
 		reset(d);
 	if (d->msix.cap)
 		pci_msix_enable(d->pf, &d->msix, 0);
+	if (d->irq == 2) {
+		ioapic_mask(d->intx_pin);
+		ioapic_route_level(d->intx_pin, VIRTIO_INTX_VECTOR, 0);
+		ioapic_mask(d->intx_pin);
+	}
 	wake_stop();
-	pci_write16(d->pf, PCI_COMMAND, pci_read16(d->pf, PCI_COMMAND) & ~PCI_CMD_MASTER);
+	pci_write16(d->pf, PCI_COMMAND, (pci_read16(d->pf, PCI_COMMAND) & ~PCI_CMD_MASTER) | PCI_CMD_INTX_DISABLE);
 }
 
 /* ------------------------------------------------------- split rings */
@@ -737,22 +759,6 @@ int virtio_idle(struct vdev *d, u64 *since, const char *what)
 
 /* -------------------------------------------------- CPL3 data helpers */
 
-/* Run at CPL3 (native speed where CPL0 is emulated): stack and arguments only. */
-static long user_fill(long buf, long n, long seed)
-{
-	u8 *p = (u8 *)buf;
-	u32 x = (u32)seed;
-	long i;
-
-	for (i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (u8)x;
-	}
-	return 0;
-}
-
 static long user_check(long arg, long unused1, long unused2)
 {
 	struct vcheck *c = (struct vcheck *)arg;
@@ -808,7 +814,7 @@ static long user_copy(long dst, long src, long n)
 
 void virtio_fill(u64 buf, u64 n, u64 seed)
 {
-	run_user(user_fill, (long)buf, (long)n, (long)seed);
+	run_user(user_stream_fill, (long)buf, (long)n, (long)seed);
 }
 
 void virtio_check(struct vcheck *c)

@@ -76,13 +76,14 @@ struct vdev {
 	u64 common, notify_base, isr, devcfg;
 	u32 notify_mult, notify_len, devcfg_len;
 	u64 offered, features;	/* device features, negotiated features */
-	int irq;		/* 1: MSI-X interrupts and sti;hlt, 0: polling */
+	int irq;		/* 1: MSI-X interrupts and sti;hlt, 2: INTx through the IOAPIC, 0: polling */
+	int intx_pin;		/* intx mode: the IOAPIC pin (the function's Interrupt Line) */
 	int event_idx, indirect;
 	struct msix msix;
 	int nvq;
 	struct vq vq[VIRTIO_MAX_QUEUES];
 	u64 vec_base[VIRTIO_MAX_QUEUES + 1];	/* vector_counts at open */
-	u64 wake_base;
+	u64 wake_base, intx_base;
 	u64 waits, hlts;
 	int broken;		/* the device broke a rule: stop using it */
 };

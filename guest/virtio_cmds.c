@@ -13,7 +13,7 @@
 
 static void print_mode(const struct vdev *d)
 {
-	printf("mode=%s event-idx=%d indirect=%d", d->irq ? "irq" : "poll", d->event_idx, d->indirect);
+	printf("mode=%s event-idx=%d indirect=%d", d->irq == 2 ? "intx" : d->irq ? "irq" : "poll", d->event_idx, d->indirect);
 }
 
 static void print_open(const struct vdev *d, const char *cmd)
@@ -25,7 +25,9 @@ static void print_open(const struct vdev *d, const char *cmd)
 	       f->dev, f->fn, f->vendor, f->device, d->offered, d->features);
 	for (i = 0; i < d->nvq; i++)
 		printf(" %u", d->vq[i].size);
-	if (d->irq) {
+	if (d->irq == 2) {
+		printf(", intx on IOAPIC pin %d, vector 0x%x (level)", d->intx_pin, VIRTIO_INTX_VECTOR);
+	} else if (d->irq) {
 		printf(", msix vectors 0x%x (config)", VIRTIO_VECTOR_BASE);
 		for (i = 0; i < d->nvq; i++)
 			printf(" 0x%x (queue %d)", d->vq[i].vector, i);

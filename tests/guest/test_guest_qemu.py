@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import os
 import selectors
-import shutil
 import subprocess
 import time
 
-import pytest
-
+from _qemu import QEMU, QEMU_GUEST, qemu_status
 from kvmkit.boot.bundled import bundled_guest
 
-QEMU = shutil.which("qemu-system-x86_64")
-
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is missing (apt-get install qemu-system-x86)"),
-    pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
-                       reason="gcc and make are needed to build the bundled guest"),
-]
+pytestmark = QEMU_GUEST
 
 TIMEOUT = 60
 
-
-def qemu_status(guest_status: int) -> int:
-    return (guest_status << 1) | 1
 
 
 def qemu_cmd(append: str) -> list[str]:

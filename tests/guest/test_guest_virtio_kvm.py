@@ -58,10 +58,10 @@ def test_lspci_finds_kvmkits_devices_and_the_guest_moves_bar4_below_4g(image):
     assert re.search(r"^virtio-blk0 \(00:01\.0\): [1-9]\d* kicks, [1-9]\d* MSI-X, 0 INTx, 0 ring errors$", out, re.M), out
 
 
-BLK_MODES = [("irq", "", 1, 1), ("irq", "no-event-idx", 0, 1), ("poll", "no-event-idx no-indirect", 0, 0)]
+BLK_MODES = [("irq", "", 1, 1), ("irq", "no-event-idx", 0, 1), ("intx", "", 1, 1), ("poll", "no-event-idx no-indirect", 0, 0)]
 
 
-@pytest.mark.parametrize("mode,flags,event_idx,indirect", BLK_MODES, ids=["irq", "irq-no-event-idx", "poll-plain"])
+@pytest.mark.parametrize("mode,flags,event_idx,indirect", BLK_MODES, ids=["irq", "irq-no-event-idx", "intx", "poll-plain"])
 def test_blk_pattern_written_flushed_read_back_and_in_the_image(image, mode, flags, event_idx, indirect):
     start, sectors, seed = 777, 2048, 0x1234 + 2 * event_idx + indirect
     _, out = run(f"virtio-blk-test {mode} {flags} seed={seed} {sectors} {start}", disks=[f"{image},serial=kvmkit0"])
@@ -73,7 +73,10 @@ def test_blk_pattern_written_flushed_read_back_and_in_the_image(image, mode, fla
     assert int(s["requests"]) == 1 + 16 + 1 + 16          # get-id, writes, flush, reads
     expected = stream(sectors * 512, seed)
     assert int(s["crc"], 16) == zlib.crc32(expected)
-    assert (int(s["irqs"]) > 0) == (mode == "irq"), out
+    assert (int(s["irqs"]) > 0) == (mode != "poll"), out
+    if mode == "intx":  # INTA# of slot 1 on ISA IRQ 11, level-triggered through the IOAPIC
+        assert "virtio-blk-test: interrupts: intx pin 11 vector 0x4f" in out, out
+        assert re.search(r"^virtio-blk0 \(00:01\.0\): \d+ kicks, 0 MSI-X, [1-9]\d* INTx", out, re.M), out
     data = image.read_bytes()
     assert data[start * 512:(start + sectors) * 512] == expected
     assert data[:start * 512].count(0) == start * 512
@@ -101,10 +104,11 @@ def test_a_disk_locked_by_another_kvmkit_is_one_sentence(image):
 
 
 def test_rng_delivers_entropy():
-    _, out = run("virtio-rng-test 65536; virtio-rng-test 1000 poll no-event-idx", rng=True)
-    big, small = summaries(RNG, out, 2)
+    _, out = run("virtio-rng-test 65536; virtio-rng-test 1000 poll no-event-idx; virtio-rng-test 2000 intx", rng=True)
+    big, small, intx = summaries(RNG, out, 3)
     assert big["result"] == "ok" and big["received"] == "65536" and int(big["distinct"]) == 256
     assert small["result"] == "ok" and small["irqs"] == "0"
+    assert intx["result"] == "ok" and int(intx["irqs"]) > 0 and intx["mode"] == "intx"
 
 
 def _collect(sock, n: int, timeout: float = 60) -> bytes:

@@ -23,21 +23,12 @@ from pathlib import Path
 import pytest
 
 from _virtio import DISK_BYTES, BENCH, BLK, CONSOLE, LSPCI_FUNC, RNG, stream, summaries  # noqa: F401
+from _qemu import QEMU, QEMU_GUEST, qemu_status
 from kvmkit.boot.bundled import bundled_guest
 
-QEMU = shutil.which("qemu-system-x86_64")
-
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is missing (apt-get install qemu-system-x86)"),
-    pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
-                       reason="gcc and make are needed to build the bundled guest"),
-]
+pytestmark = QEMU_GUEST
 
 TIMEOUT = 60
-
-def qemu_status(guest_status: int) -> int:
-    return (guest_status << 1) | 1
 
 
 def qemu_cmd(script: str, devices: list[str]) -> list[str]:
