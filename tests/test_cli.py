@@ -79,3 +79,33 @@ def test_cpuid_clear_hides_the_feature_from_the_guest():
     assert not leaf1.ecx & (1 << 13)
     untouched = [e for e in build_cpuid(sup, 0, 1, {}) if e.function == 1][0]
     assert leaf1.ecx == untouched.ecx & ~(1 << 13)
+
+
+def test_initramfs_with_modules_from_a_tree(tmp_path: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "boot"))
+    from test_modules import VERSION, make_tree  # the synthetic module builder of the module tests
+    tree = make_tree(tmp_path, {"kernel/drivers/virtio/virtio.ko": {},
+                                "kernel/drivers/block/virtio_blk.ko": {"depends": "virtio"}})
+    out = tmp_path / "initrd.img"
+    p = kvmkit("initramfs", "-o", str(out), "--modules", str(tree.root), "--module", "virtio_blk")
+    assert p.returncode == 0, p.stderr
+    assert "modules, in load order: virtio virtio_blk" in p.stderr
+    names = {e.name for e in read_cpio(out.read_bytes())}
+    assert f"lib/modules/{VERSION}/kernel/drivers/block/virtio_blk.ko" in names
+    bad = kvmkit("initramfs", "-o", str(out), "--modules", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_rootfs_builds_an_ext4_image(tmp_path: Path):
+    from kvmkit.boot.rootfs import find_tool, read_image_file
+    if find_tool("mke2fs") is None or not Path("/bin/busybox").exists():
+        import pytest
+        pytest.skip("e2fsprogs and busybox-static are needed")
+    (tmp_path / "extra" / "etc").mkdir(parents=True)
+    (tmp_path / "extra" / "etc" / "motd").write_text("from the host\n")
+    out = tmp_path / "root.ext4"
+    p = kvmkit("rootfs", "-o", str(out), "--size", "32M", "--directory", str(tmp_path / "extra"), "--busybox", "/bin/busybox")
+    assert p.returncode == 0, p.stderr
+    assert out.stat().st_size == 32 << 20
+    assert read_image_file(out, "/etc/motd") == b"from the host\n"
+    assert read_image_file(out, "/bin/busybox")[:4] == b"\x7fELF"

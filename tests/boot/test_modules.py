@@ -360,3 +360,16 @@ def test_initramfs_packs_modules_decompressed(tmp_path: Path) -> None:
 def test_initramfs_without_modules_has_no_module_tree() -> None:
     names = {e.name for e in read_cpio(busybox_initramfs(BUSYBOX))}
     assert "lib" not in names and "newroot" not in names
+
+
+def test_strip_signature_removes_exactly_the_appended_signature() -> None:
+    from kvmkit.boot.modules import MODULE_SIG_MAGIC, strip_signature
+    body = b"\x7fELF" + bytes(100)
+    pkcs7 = bytes(range(200)) * 2
+    sig = pkcs7 + bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(pkcs7).to_bytes(4, "big") + MODULE_SIG_MAGIC
+    assert strip_signature(body + sig) == body
+    assert strip_signature(body) == body                       # unsigned: unchanged
+    assert strip_signature(MODULE_SIG_MAGIC) == MODULE_SIG_MAGIC  # too short to hold a signature: unchanged
+    huge = bytes(12) + MODULE_SIG_MAGIC
+    huge = huge[:8] + (1 << 30).to_bytes(4, "big") + huge[12:]
+    assert strip_signature(body + huge) == body + huge         # a length past the start: left alone

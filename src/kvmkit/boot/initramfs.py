@@ -183,6 +183,10 @@ load() {  # one line per module that will not load, then carry on: a later one m
 }
 KVER='@KVER@'
 @LOADS@
+# A console that came with a module (console=hvc0 with virtio_console) did
+# not exist when the kernel opened /init's stdio: take it now. Tried in a
+# subshell first, since a failed exec redirection would end /init.
+if (exec 0<>/dev/console) 2>/dev/null; then exec 0<>/dev/console 1>&0 2>&0; fi
 root='' fstype='' flags='' mode=ro init=/sbin/init delay=@WAIT@
 set -f  # a * in the command line stays a *
 for arg in $(cat /proc/cmdline); do

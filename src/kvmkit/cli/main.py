@@ -71,6 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     machine = Machine(run_config(args))  # KVM problems first: they are the most basic
     try:
         machine.load()
+        if args.kernel and not args.initrd and not args.disk:
+            print("kvmkit: warning: a Linux kernel with no initrd (-i) and no root disk (--disk) panics when it mounts "
+                  "root; build one with 'kvmkit initramfs -o initrd.img' (add --modules VERSION for a virtio root disk).",
+                  file=sys.stderr)
         for port in machine.serial_ports:
             name = getattr(port.backend, "slave_name", "")
             if name:
@@ -110,11 +114,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_initramfs(args: argparse.Namespace) -> int:
     from ..boot import initramfs as ir
     if args.directory:
+        if args.modules:
+            raise KvmkitError("--modules packs a busybox system; it does not combine with --directory.")
         data = ir.cpio_from_directory(Path(args.directory), compress=args.gzip)
     else:
-        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip)
+        modules = None
+        if args.modules:
+            from ..boot.modules import VIRTIO_ROOT_MODULES, find_modules, resolve_modules
+            names = args.module or list(VIRTIO_ROOT_MODULES)
+            modules = resolve_modules(find_modules(args.modules), names)
+            print(f"kvmkit: modules, in load order: {' '.join(m.name for m in modules)}", file=sys.stderr)
+        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip, modules=modules)
     Path(args.output).write_bytes(data)
     print(f"kvmkit: wrote {len(data)} bytes to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_rootfs(args: argparse.Namespace) -> int:
+    from ..boot.rootfs import make_rootfs
+    out = make_rootfs(Path(args.output), args.size, directory=Path(args.directory) if args.directory else None,
+                      busybox=Path(args.busybox) if args.busybox else None)
+    print(f"kvmkit: wrote an ext4 root image to {out}; boot it with --disk {out} -p 'root=/dev/vda rw'", file=sys.stderr)
     return 0
 
 
@@ -149,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("--busybox", help="static busybox binary (default: the host's /bin/busybox)")
     ir.add_argument("--directory", help="pack this directory instead")
     ir.add_argument("--gzip", action="store_true", help="gzip-compress the archive")
+    ir.add_argument("--modules", metavar="DIR|VERSION",
+                    help="pack kernel modules and load them at boot, then mount root= if the command line names one: "
+                         "a /lib/modules/<version> tree, or a Debian kernel version whose package is fetched "
+                         "(default modules: virtio_pci, virtio_blk, virtio_console, virtio-rng, ext4)")
+    ir.add_argument("--module", action="append", default=[], metavar="NAME",
+                    help="with --modules: a module to pack instead of the default set (repeatable)")
+    rf = sub.add_parser("rootfs", help="build an ext4 root disk image (a busybox system, or a directory)")
+    rf.add_argument("-o", "--output", required=True, help="the image file to write")
+    rf.add_argument("--size", default="64M", help="image size, e.g. 64M (default)")
+    rf.add_argument("--directory", help="put this directory in the image (over the busybox system with --busybox)")
+    rf.add_argument("--busybox", help="static busybox binary (default: the host's)")
     tr = sub.add_parser("trace", help="record KVM tracepoints for a VM, or report on a trace", add_help=False)
     tr.add_argument("trace_cmd", choices=["record", "report"])
     return p
@@ -172,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "initramfs":
             return cmd_initramfs(args)
+        if args.command == "rootfs":
+            return cmd_rootfs(args)
         parser.print_help()
         return 2
     except KvmkitError as e:
