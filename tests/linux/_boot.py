@@ -111,12 +111,12 @@ class Milestones:
             return self.buf.decode("utf-8", "replace")
 
 
-def start_kvmkit(kernel: Path, initrd: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, Milestones]:
+def start_kvmkit(kernel: Path, initrd: Path, *extra: str, append: str = APPEND) -> tuple[subprocess.Popen[bytes], int, Milestones]:
     """`kvmkit run` with the stock command line on a new pty: (process, pty master fd, console reader)."""
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     argv = [sys.executable, "-m", "kvmkit", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--append", APPEND, "--mem", MEM, "--stats", *extra]
+            "--append", append, "--mem", MEM, "--stats", *extra]
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True)
     os.close(slave)
     return proc, master, Milestones(master)

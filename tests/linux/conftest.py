@@ -23,6 +23,21 @@ def busybox_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def virtio_initrd(stock_bzimage: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox initramfs with the stock kernel's virtio and ext4 modules (`kvmkit initramfs --modules VERSION`)."""
+    from kvmkit.boot.modules import find_modules, resolve_modules
+    version = stock_bzimage.name.removeprefix("vmlinuz-")
+    try:
+        modules = resolve_modules(find_modules(version))
+        data = busybox_initramfs(modules=modules)
+    except BootError as exc:
+        pytest.skip(f"no module package or busybox for the virtio initramfs: {exc}")
+    path = tmp_path_factory.mktemp("initrd") / "virtio-initrd.img"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="session")
 def pvce_ko(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """guest/linux/pvce.ko built against the stock kernel's Debian headers (tests/guest/test_linux_module_build.py)."""
     import shutil
