@@ -18,7 +18,6 @@ from ..memory import GuestMemory
 from . import layout
 from .bzimage import BOOT_FLAG_MAGIC, CAN_USE_HEAP, HDRS_MAGIC, LOADED_HIGH, SETUP_HEADER_START
 
-BOOT_PARAMS_SIZE = 4096
 
 # boot_params offsets
 ACPI_RSDP_ADDR = 0x070
@@ -132,7 +131,7 @@ def build_boot_params(
     end = SETUP_HEADER_START + len(setup_header)
     if end > E820_TABLE or len(setup_header) < HDR_CMDLINE_SIZE + 4 - SETUP_HEADER_START:
         raise BootError("the kernel's setup header has an impossible length; the image is damaged.")
-    bp = bytearray(BOOT_PARAMS_SIZE)
+    bp = bytearray(layout.BOOT_PARAMS_SIZE)
     bp[SETUP_HEADER_START:end] = setup_header
     bp[HDR_TYPE_OF_LOADER] = TYPE_OF_LOADER_UNDEFINED
     bp[HDR_LOADFLAGS] |= CAN_USE_HEAP | LOADED_HIGH

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import KvmkitError
+from ..boot.mptable import MAX_CPUS  # APIC IDs 0..N-1 and the IOAPIC's must fit the MP table
 from ..host.backends import backend_kind
 from ..memory import MiB
 
 SERIAL_PORTS = 4                 # COM1..COM4
 MIN_MEM = 64 << 10               # tiny real-mode test guests; a kernel needs more and the loader says so
 MAX_MEM = 1 << 40                # 1 TiB: far beyond these hosts, well inside the 52-bit guest address space
-MAX_CPUS = 254                   # APIC IDs 0..N-1 plus the IOAPIC's must fit in 0..254 (the MP table)
 QUIRK_PROFILES = ("auto", "nested-pvm", "none")
 DEFAULT_SERIAL = ("stdio", "none", "none", "none")
 

@@ -30,7 +30,7 @@ import threading
 from ..devices.msix import Msix
 from ..devices.pci import PciFunction
 from ..devices.virtio.device import VirtioDevice
-from ..devices.virtio.pci import VIRTIO_PCI_CAP_PCI_CFG, VirtioPciTransport
+from ..devices.virtio.pci import PCI_CAP_ID_VNDR, VIRTIO_PCI_CAP_PCI_CFG, VirtioPciTransport
 from ..host.loop import EventLoop
 from ..kvm.constants import Cap
 from ..kvm.system import KvmError, Vm
@@ -40,7 +40,6 @@ from .pci import KvmMsix, PciHost
 
 log = logging.getLogger(__name__)
 
-PCI_CAP_ID_VNDR = 0x09
 MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
