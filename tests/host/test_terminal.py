@@ -44,3 +44,21 @@ def test_raw_mode_is_restored_even_after_an_exception():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_blocking_mode_comes_back_when_stdin_and_stdout_share_one_file_description():
+    """A shell gives kvmkit one open terminal as fd 0 and fd 1: O_NONBLOCK is a property of that
+    description, so saving fd 1's flags after setting fd 0's would "restore" O_NONBLOCK (issue 12, item 11)."""
+    master, slave = pty.openpty()
+    out = os.dup(slave)  # the same open file description, as a shell's stdout is its stdin
+    try:
+        assert os.get_blocking(slave)
+        term = RawTerminal(slave, out)
+        term.enter()
+        assert not os.get_blocking(slave) and not os.get_blocking(out)
+        term.restore()
+        assert os.get_blocking(slave) and os.get_blocking(out)
+    finally:
+        os.close(out)
+        os.close(master)
+        os.close(slave)

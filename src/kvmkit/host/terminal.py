@@ -64,10 +64,13 @@ class RawTerminal:
         if os.isatty(self.in_fd):
             self._saved_attr = termios.tcgetattr(self.in_fd)
             tty.setraw(self.in_fd, termios.TCSANOW)
-        for fd in {self.in_fd, self.out_fd}:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            self._saved_flags[fd] = flags
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        # Save every fd's flags before changing any: stdin and stdout are often
+        # one open file description, and saving the second after setting the
+        # first would save (and later "restore") O_NONBLOCK.
+        fds = sorted({self.in_fd, self.out_fd})
+        self._saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in fds}
+        for fd in fds:
+            fcntl.fcntl(fd, fcntl.F_SETFL, self._saved_flags[fd] | os.O_NONBLOCK)
         self.active = True
         atexit.register(self.restore)
 
