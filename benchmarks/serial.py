@@ -19,7 +19,14 @@ count and the IrqLine raise counter of GSI 3), host write() calls per KiB
 (tx) or read() calls per KiB (rx), handler passes and pass-limit
 overflows. Every transfer is checked byte for byte.
 
-    python3 benchmarks/serial.py [--bytes N] [--cases fifo,nofifo] [--dirs tx,rx] [--json FILE]
+Interactive echo (``--echo N``, default 40 keys): a key typed into the
+bundled guest's shell on COM1 and its echo read back, the round trip timed
+on the host, with kvmkit's output batching as it is (bytes that answer
+input are written at once) and with every byte written at once (hold 0),
+the two VMs alternating key by key. The difference of the medians is the
+latency the batching adds to typing (goal: under 10 ms).
+
+    python3 benchmarks/serial.py [--bytes N] [--cases fifo,nofifo] [--dirs tx,rx] [--echo N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import threading
 import time
@@ -106,6 +114,37 @@ def run_case(fifo: bool, direction: str, n: int, data: bytes, timeout: float) ->
     }
 
 
+def echo_rtts(keys: int, timeout: float = 60) -> dict:
+    """Round trips of single keys through COM1 and the guest's line editor, batching on and off."""
+    vms = {"batched": VirtualMachine(), "immediate": VirtualMachine()}
+    rtt: dict[str, list[float]] = {k: [] for k in vms}
+    try:
+        for name, vm in vms.items():
+            vm.start()
+            vm.console.wait_for("kvmkit> ", timeout=timeout)
+            if name == "immediate":
+                vm.machine.serial_ports[0].stream.hold = 0.0
+        for i in range(keys):
+            for name, vm in vms.items():
+                key = "abcdefghij"[i % 10]
+                t0 = time.perf_counter()
+                vm.console.send(key)
+                vm.console.wait_for(key, timeout=timeout)
+                rtt[name].append(time.perf_counter() - t0)
+                time.sleep(0.02)
+        holds = {k: vm.machine.serial_ports[0].counters.hold_ns_max / 1e6 for k, vm in vms.items()}
+    finally:
+        for vm in vms.values():
+            vm.stop()
+            vm.close()
+    med = {k: statistics.median(v) * 1000 for k, v in rtt.items()}
+    p99 = {k: sorted(v)[max(0, int(len(v) * 0.99) - 1)] * 1000 for k, v in rtt.items()}
+    return {"keys": keys, "rtt_ms_median": {k: round(v, 2) for k, v in med.items()},
+            "rtt_ms_p99": {k: round(v, 2) for k, v in p99.items()},
+            "added_latency_ms": round(med["batched"] - med["immediate"], 2),
+            "longest_hold_ms": {k: round(v, 2) for k, v in holds.items()}}
+
+
 COLUMNS = [("uart", "uart", 8), ("detected", "probe", 7), ("direction", "dir", 3), ("kib_per_s", "KiB/s", 7),
            ("com2_exits_per_byte", "exits/B", 7), ("kvm_exits_per_byte", "kvm/B", 6),
            ("guest_irqs_per_kib", "irq/KiB", 7), ("irq_raises_per_kib", "raise/KiB", 9),
@@ -127,6 +166,7 @@ def main() -> int:
     ap.add_argument("--cases", default="fifo,nofifo", help="fifo, nofifo or both (default both)")
     ap.add_argument("--dirs", default="tx,rx", help="tx (guest->host), rx (host->guest) or both")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per transfer")
+    ap.add_argument("--echo", type=int, default=40, help="keys for the interactive echo figure (0: skip)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     n = args.bytes
@@ -141,10 +181,17 @@ def main() -> int:
         if "16550A" in by and "no FIFO" in by:
             ratios[f"{direction}_throughput_fifo_over_nofifo"] = round(by["16550A"]["kib_per_s"] / by["no FIFO"]["kib_per_s"], 2)
     result = {"bytes": n, "cases": rows, "ratios": ratios}
+    if args.echo:
+        result["echo"] = echo_rtts(args.echo)
     print(json.dumps(result))
     print(table(rows))
     for k, v in ratios.items():
         print(f"{k}: {v}x")
+    if args.echo:
+        e = result["echo"]
+        print(f"echo round trip, median (p99) of {e['keys']} keys: batched {e['rtt_ms_median']['batched']} ms "
+              f"({e['rtt_ms_p99']['batched']}), immediate {e['rtt_ms_median']['immediate']} ms "
+              f"({e['rtt_ms_p99']['immediate']}); added by batching: {e['added_latency_ms']} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(r["lossless"] for r in rows) else 1

@@ -87,17 +87,30 @@ def test_pty_backend_round_trip():
         port.close()
 
 
-def test_file_backend_appends(tmp_path: Path):
+@pytest.mark.parametrize("append", [False, True])
+def test_file_backend_truncates_or_appends(tmp_path: Path, append: bool):
+    """file:PATH truncates as QEMU's file chardev does; file:PATH,append keeps what was there."""
     out = tmp_path / "com.log"
     out.write_bytes(b"before\n")
-    loop, port = _port(FileBackend(str(out)))
+    loop, port = _port(parse_backend(f"file:{out}" + (",append" if append else ""), lambda c: None))
     try:
         _write(port, b"guest output\n")
         _wait(lambda: out.read_bytes().endswith(b"guest output\n"))
     finally:
         loop.stop()
         port.close()
-    assert out.read_bytes() == b"before\nguest output\n"
+    assert out.read_bytes() == (b"before\n" if append else b"") + b"guest output\n"
+
+
+def test_file_backend_refuses_a_planted_symlink(tmp_path: Path):
+    """Someone else's symlink at the path must not make the guest's output land in their target (issue 12, item 4)."""
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious\n")
+    link = tmp_path / "com.log"
+    link.symlink_to(target)
+    with pytest.raises(KvmkitError, match="symbolic link"):
+        FileBackend(str(link)).open()
+    assert target.read_bytes() == b"precious\n"
 
 
 def test_backend_specs():
@@ -105,3 +118,22 @@ def test_backend_specs():
     assert isinstance(parse_backend("unix:/tmp/x.sock", lambda c: None), UnixSocketBackend)
     with pytest.raises(KvmkitError):
         parse_backend("file:", lambda c: None)
+
+
+def test_a_failing_output_file_is_said_once_and_counted_not_a_traceback(caplog):
+    """Issue 12, item 12: EIO/ENOSPC on file: outputs printed tracebacks, then dropped output silently."""
+    import logging
+    caplog.set_level(logging.WARNING)
+    loop, port = _port(FileBackend("/dev/full"))  # every write fails with ENOSPC
+    try:
+        _write(port, b"x" * 5000)
+        _wait(lambda: port.counters.lost_bytes >= 5000)
+        _write(port, b"y" * 100)
+        _wait(lambda: port.counters.lost_bytes == 5100)
+        assert loop.errors == 0
+    finally:
+        loop.stop()
+        port.close()
+    warnings = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert "5100 bytes lost to write errors" in port.counters.summary("COM1")

@@ -155,6 +155,7 @@ class UartStats:
     other_interrupts: int = 0  # RLS and MSR
     tx_overruns: int = 0  # THR writes dropped because the TX FIFO was full
     rx_overruns: int = 0  # loopback bytes lost to a full RX FIFO (OE)
+    rx_discarded: int = 0  # bytes the guest threw away with an RX FIFO reset (FCR), as on the real part
 
 
 class Uart16550:
@@ -409,6 +410,7 @@ class Uart16550:
         self._after_rx_change()
 
     def _clear_rx(self) -> None:
+        self.stats.rx_discarded += len(self._rx)
         self._rx.clear()
         self._rx_errors = 0
         self._lsr_err &= LSR_OE  # the errors belonged to bytes now gone

@@ -9,13 +9,20 @@ than it is given, and the port keeps the rest.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import select
 import socket
-from pathlib import Path
+import stat
 from typing import Callable
 
 from ..errors import KvmkitError
 from .terminal import EscapeFilter, RawTerminal
+
+log = logging.getLogger(__name__)
+
+SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108, NUL included)
 
 
 class Backend:
@@ -32,6 +39,20 @@ class Backend:
     output_fd: int | None = None
     listen_fd: int | None = None
     reconnects = False
+    lost_bytes = 0          # output the host end could not take and that is gone (a write error)
+
+    @property
+    def connected(self) -> bool:
+        """False while a listening backend waits for a client (its output is kept for the next one)."""
+        return True
+
+    @property
+    def client_gone(self) -> bool:
+        """True when the client of a listening backend left (read EOF or a write error)."""
+        return False
+
+    def drop_client(self) -> None:
+        """Close the departed client (called once its fds are out of the poll set)."""
 
     def open(self) -> None:
         pass
@@ -80,8 +101,13 @@ class FdBackend(Backend):
             return os.write(self.output_fd, data)
         except (BlockingIOError, InterruptedError):
             return 0
-        except BrokenPipeError:
-            # Nobody is listening any more: the bytes have nowhere to go.
+        except OSError as e:
+            # EIO, ENOSPC, EPIPE: the bytes have nowhere to go. Say so once,
+            # in one sentence, and count what is lost from then on.
+            if not self.lost_bytes:
+                log.warning("writing guest output to %s failed (%s); the output is lost from here on, "
+                            "and --stats counts it.", self.name, e.strerror or e)
+            self.lost_bytes += len(data)
             return len(data)
 
 
@@ -109,17 +135,32 @@ class StdioBackend(FdBackend):
 
 
 class FileBackend(FdBackend):
-    """Guest output appended to a file; no input."""
+    """Guest output to a file; no input.
 
-    def __init__(self, path: str) -> None:
+    The file is truncated, as QEMU's ``file:`` chardev does (``file:PATH,append``
+    appends). A symbolic link at PATH is refused: someone else may have
+    planted it to have the guest's output land in a file of theirs.
+    """
+
+    def __init__(self, path: str, append: bool = False) -> None:
         super().__init__(None, None, f"file:{path}")
         self.path = path
+        self.append = append
 
     def open(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= os.O_APPEND if self.append else os.O_TRUNC
         try:
-            self.output_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, flags, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise KvmkitError(f"serial output file {self.path} is a symbolic link, which kvmkit does not follow; "
+                                  "name the file itself.") from None
             raise KvmkitError(f"cannot open serial output file {self.path}: {e.strerror}; choose a writable path.") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISCHR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise KvmkitError(f"serial output {self.path} is not a regular file or a character device; choose a file.")
+        self.output_fd = fd
 
     def close(self) -> None:
         if self.output_fd is not None:
@@ -156,7 +197,13 @@ class PtyBackend(FdBackend):
 
 
 class UnixSocketBackend(FdBackend):
-    """A listening Unix socket; the first client to connect is the console."""
+    """A listening Unix socket; one client at a time is the console.
+
+    The socket is created mode 0600 whatever the umask. A live listener at
+    the path (another kvmkit) is refused, a stale one replaced, anything else
+    there refused. A second client while one is connected is told so and
+    closed; a client that leaves ends input until the next one connects.
+    """
 
     reconnects = True
 
@@ -165,62 +212,85 @@ class UnixSocketBackend(FdBackend):
         self.path = path
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
-        self.on_connect: Callable[[], None] | None = None
+        self._gone = False
+        self.refused = 0        # clients turned away while another was connected
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self._gone
+
+    @property
+    def client_gone(self) -> bool:
+        """The client left: an EOF or write error seen, or it hung up with input still unread
+        (its socket reports POLLHUP even while bytes it sent wait in the buffer)."""
+        if self._gone:
+            return True
+        if self.conn is None:
+            return False
+        p = select.poll()
+        p.register(self.conn.fileno(), select.POLLRDHUP)
+        if any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _fd, ev in p.poll(0)):
+            self._gone = True
+        return self._gone
 
     def open(self) -> None:
-        p = Path(self.path)
-        if p.is_socket():
-            p.unlink()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(self.path)
-        except OSError as e:
-            s.close()
-            raise KvmkitError(f"cannot listen on unix socket {self.path}: {e.strerror}; pick another path.") from None
-        s.listen(1)
-        s.setblocking(False)
-        self.listener = s
-        self.listen_fd = s.fileno()
+        self.listener = listen_unix(self.path, "serial console")
+        self.listen_fd = self.listener.fileno()
 
     def accept(self) -> bool:
-        if self.listener is None or self.conn is not None:
+        if self.listener is None:
             return False
         try:
             conn, _ = self.listener.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
+            return False
+        if self.conn is not None:
+            self.refused += 1
+            try:
+                conn.send(f"kvmkit: {self.path} already has a client; try again when it has left.\r\n".encode())
+            except OSError:
+                pass
+            conn.close()
             return False
         conn.setblocking(False)
         self.conn = conn
+        self._gone = False
         self.input_fd = self.output_fd = conn.fileno()
         return True
 
     def read(self, n: int) -> bytes | None:
-        if self.conn is None:
+        if self.conn is None or self._gone:
             return None
-        data = super().read(n)
-        if data == b"":
-            self._drop()
-        return data if data else None
+        try:
+            data = self.conn.recv(n)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._gone = True
+        return data
 
     def write(self, data: bytes) -> int:
-        if self.conn is None:
-            return 0  # keep it until someone connects: nothing is dropped
+        if self.conn is None or self._gone:
+            return 0  # kept by the stream for the next client
         try:
             return self.conn.send(data)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self._drop()
+            self._gone = True
             return 0
 
-    def _drop(self) -> None:
+    def drop_client(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-            self.input_fd = self.output_fd = None
+        self._gone = False
+        self.input_fd = self.output_fd = None
 
     def close(self) -> None:
-        self._drop()
+        self.drop_client()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -229,6 +299,57 @@ class UnixSocketBackend(FdBackend):
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def listen_unix(path: str, what: str) -> socket.socket:
+    """A listening unix socket at ``path``, mode 0600 whatever the umask; one sentence for what is in the way.
+
+    A socket already at the path is probed: a live listener (another kvmkit)
+    is refused rather than stolen, a stale one (its owner died) replaced.
+    Anything else there, a symbolic link included, is refused.
+    """
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise KvmkitError(f"the {what} path {path} is {len(os.fsencode(path))} bytes, more than the {SUN_PATH_MAX} "
+                          "a unix socket address holds; choose a shorter path.")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise KvmkitError(f"cannot use {path} for the {what}: {e.strerror}.") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise KvmkitError(f"{path} exists and is not a socket; kvmkit will not replace it for the {what}; "
+                              "choose another path or remove it.")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                os.unlink(path)  # stale: nobody listens there any more
+            except FileNotFoundError:
+                pass
+        except OSError as e:
+            raise KvmkitError(f"cannot probe the socket at {path} ({e.strerror}); choose another path.") from None
+        else:
+            raise KvmkitError(f"another program (another kvmkit?) is listening on {path}; choose another path "
+                              f"for the {what} or stop that program.")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)  # the socket is born 0600: no window where others could connect
+    try:
+        s.bind(path)
+    except OSError as e:
+        s.close()
+        raise KvmkitError(f"cannot listen on unix socket {path}: {e.strerror}; pick another path.") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    s.listen(4)
+    s.setblocking(False)
+    return s
 
 
 class SharedOutputBackend(Backend):
@@ -263,7 +384,7 @@ class SocketPairBackend(FdBackend):
         self._sock.close()
 
 
-SERIAL_BACKENDS = "stdio, file:PATH, unix:PATH, pty, none or off"
+SERIAL_BACKENDS = "stdio, file:PATH[,append], unix:PATH, pty, none or off"
 
 
 def backend_kind(spec: str) -> str:
@@ -287,7 +408,8 @@ def parse_backend(spec: str, on_command: Callable[[str], None]) -> Backend:
     if kind == "pty":
         return PtyBackend()
     if kind == "file":
-        return FileBackend(spec[5:])
+        path = spec[5:]
+        return FileBackend(path[:-len(",append")], append=True) if path.endswith(",append") else FileBackend(path)
     if kind == "unix":
         return UnixSocketBackend(spec[5:])
     return NullBackend()

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from ..devices.virtio.console import VirtioConsole
 from ..host.backends import Backend
 from ..host.loop import EventLoop
-from .serial import FLUSH_INTERVAL
 from .stream import READ_CHUNK, HostStream
 
 
@@ -26,7 +25,7 @@ class VirtioConsoleEnd:
         self.name = name
         self.lock = threading.RLock()
         self.console = VirtioConsole(self)
-        self.stream = HostStream(name, loop, backend, self, self.lock, flush_interval=FLUSH_INTERVAL)
+        self.stream = HostStream(name, loop, backend, self, self.lock)
         self.counters = self.stream.counters
 
     @property

@@ -49,7 +49,7 @@ class SerialPort:
         # The FIFO-less variant stands for the old kvm tool's UART, which
         # wrote every character to the terminal: no write coalescing there.
         self.stream = HostStream(name, loop, backend, self, self.lock, output_limit=output_limit,
-                                 flush_interval=FLUSH_INTERVAL if fifo else 0.0)
+                                 **({} if fifo else {"hold": 0.0}))
         self.counters = self.stream.counters
         self._drain_soon = False
         self._drain_timer = False
@@ -88,10 +88,16 @@ class SerialPort:
             # hand the burst to the host now rather than make it spin.
             self._drain_locked()
         byte = self.uart.read(reg)
-        if reg == RBR and self.stream.paused and not self.uart.lcr & LCR_DLAB and self.uart.rx_level() == 0:
-            # The guest emptied the RX FIFO: refill it in one read
-            # rather than a byte at a time as slots free up.
-            self.stream.resume_input()
+        if reg == RBR and not self.uart.lcr & LCR_DLAB:
+            if self.stream.paused and self.uart.rx_level() == 0:
+                # The guest emptied the RX FIFO: refill it in one read
+                # rather than a byte at a time as slots free up.
+                self.stream.resume_input()
+            elif self.uart.cti_armed:
+                # It read part of it: the bytes left below the trigger level
+                # get their character timeout again, as on the real part,
+                # or a guest waiting for an interrupt would never see them.
+                self.loop.call_soon(self._arm_cti)
         return byte
 
     def write(self, reg: int, value: int) -> None:
@@ -124,10 +130,14 @@ class SerialPort:
             taken = self.uart.receive(data)
             cti = self.uart.cti_armed
         if cti:
-            if self._cti is not None:
-                self._cti.cancel()
-            self._cti = self.loop.call_later(CTI_DELAY, self._character_timeout)
+            self._arm_cti()
         return taken
+
+    def _arm_cti(self) -> None:
+        """(Re)start the character-timeout timer (host loop): bytes below the trigger level wait."""
+        if self._cti is not None:
+            self._cti.cancel()
+        self._cti = self.loop.call_later(CTI_DELAY, self._character_timeout)
 
     def output_room(self) -> None:
         with self.lock:
