@@ -210,5 +210,7 @@ def test_describe_elf_and_junk(tmp_path, make_elf) -> None:
     (tmp_path / "junk").write_bytes(b"junk" * 100)
     with pytest.raises(BootError, match="neither"):
         describe_kernel(tmp_path / "junk")
-    with pytest.raises(BootError, match="cannot read"):
+    with pytest.raises(BootError, match="does not exist"):
         describe_kernel(tmp_path / "missing")
+    with pytest.raises(BootError, match="not a regular file"):
+        describe_kernel("/dev/zero")  # used to read until the host ran out of memory

@@ -41,8 +41,9 @@ XLF_EFI_HANDOVER_32 = 0x04
 XLF_EFI_HANDOVER_64 = 0x08
 XLF_EFI_KEXEC = 0x10
 
-# A vmlinux is tens of MiB; anything past this is a decompression bomb or junk.
-MAX_DECOMPRESSED = 1 << 30
+# A vmlinux is tens of MiB (Debian's 6.1: 62 MiB); anything past this is a
+# decompression bomb or junk. Loading a kernel caps it further at the guest's RAM.
+MAX_DECOMPRESSED = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -204,35 +205,64 @@ def detect_compression(data: bytes) -> str:
     )
 
 
-def _stream(name: str, dec, data: bytes) -> bytes:
-    """Run a streaming decompressor with an output cap and a truncation check."""
+STEP = 16 << 20  # a decoder produces at most this much per call: the peak stays near the output's size
+
+
+def _stream(name: str, dec, data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """Run a streaming decompressor in bounded steps, with an output cap and a truncation check."""
+    out = bytearray()
     try:
-        out = dec.decompress(data, MAX_DECOMPRESSED)
+        chunk = dec.decompress(data, STEP)
+        while True:
+            out += chunk
+            if len(out) > limit:
+                raise BootError(f"the {name} kernel payload decompresses to more than {limit >> 20} MiB, which no kernel needs; the image is damaged.")
+            if dec.eof:
+                break
+            if isinstance(dec, type(zlib.decompressobj())):
+                if not dec.unconsumed_tail and len(chunk) < STEP:
+                    break
+                chunk = dec.decompress(dec.unconsumed_tail, STEP)
+            else:
+                if dec.needs_input:
+                    break
+                chunk = dec.decompress(b"", STEP)
     except (lzma.LZMAError, zlib.error, OSError, ValueError, EOFError) as exc:
         raise BootError(f"the {name} kernel payload is corrupt ({exc}); download the kernel again.") from exc
     if not dec.eof:
-        if len(out) >= MAX_DECOMPRESSED:
-            raise BootError(f"the {name} kernel payload decompresses to more than {MAX_DECOMPRESSED >> 20} MiB, which no kernel needs; the image is damaged.")
         raise BootError(f"the {name} kernel payload ends before its compressed stream does, so the image is truncated; download the kernel again.")
-    return out
+    return bytes(out)
 
 
-def _zstd(data: bytes) -> bytes:
+def zstd_bounded(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress zstd data, never producing more than ``limit`` bytes (a decompression bomb
+    is refused in one sentence, not allocated); a truncated stream is refused too."""
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise BootError("this kernel is zstd-compressed and the Python package 'zstandard' is not installed; run 'pip install zstandard'.") from exc
+        raise BootError(f"{what} is zstd-compressed and the Python package 'zstandard' is not installed; "
+                        "run 'pip install zstandard'.") from exc
+    out = bytearray()
     try:
         dobj = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
-        out = dobj.decompress(data)
+        for pos in range(0, len(data), 256):  # in slices: a zstd block (3 bytes) expands to at most 128 KiB, so 256 bytes to 11 MiB
+            out += dobj.decompress(data[pos:pos + 256])
+            if len(out) > limit:
+                raise BootError(f"{what} decompresses to more than {limit >> 20} MiB, more than it can need; it is damaged.")
+            if dobj.eof:
+                break
     except zstandard.ZstdError as exc:
-        raise BootError(f"the zstd kernel payload is corrupt ({exc}); download the kernel again.") from exc
+        raise BootError(f"{what} is corrupt zstd data ({exc}); download it again.") from exc
     if not getattr(dobj, "eof", True):
-        raise BootError("the zstd kernel payload ends before its compressed stream does, so the image is truncated; download the kernel again.")
-    return out
+        raise BootError(f"{what} ends before its zstd stream does, so it is truncated; download it again.")
+    return bytes(out)
 
 
-def _lz4(data: bytes) -> bytes:
+def _zstd(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
+    return zstd_bounded(data, limit, "the zstd kernel payload")
+
+
+def _lz4(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
     try:
         import lz4.block  # type: ignore[import-not-found]
         import lz4.frame  # type: ignore[import-not-found]
@@ -240,9 +270,15 @@ def _lz4(data: bytes) -> bytes:
         raise BootError("this kernel is lz4-compressed and the Python package 'lz4' is not installed; run 'pip install lz4'.") from exc
     if data.startswith(b"\x04\x22\x4d\x18"):
         try:
-            return lz4.frame.decompress(data)
+            dec = lz4.frame.LZ4FrameDecompressor()
+            out = dec.decompress(data, max_length=limit + 1)
         except RuntimeError as exc:
             raise BootError(f"the lz4 kernel payload is corrupt ({exc}); download the kernel again.") from exc
+        if len(out) > limit:
+            raise BootError(f"the lz4 kernel payload decompresses to more than {limit >> 20} MiB, which no kernel needs; the image is damaged.")
+        if not dec.eof:
+            raise BootError("the lz4 kernel payload ends before its compressed stream does, so the image is truncated; download the kernel again.")
+        return out
     # Legacy format: magic, then [u32 compressed size][block] until the data
     # ends; each block expands to at most 8 MiB. The trailing size word that
     # the kernel build appends reads as one more block header, so stop when a
@@ -262,27 +298,30 @@ def _lz4(data: bytes) -> bytes:
             out += lz4.block.decompress(data[pos + 4:pos + 4 + n], uncompressed_size=8 << 20)
         except Exception as exc:  # lz4.block raises LZ4BlockError, a plain Exception subclass
             raise BootError(f"the lz4 kernel payload is corrupt ({exc}); download the kernel again.") from exc
-        if len(out) > MAX_DECOMPRESSED:
-            raise BootError("the lz4 kernel payload decompresses to more than 1024 MiB, which no kernel needs; the image is damaged.")
+        if len(out) > limit:
+            raise BootError(f"the lz4 kernel payload decompresses to more than {limit >> 20} MiB, which no kernel needs; the image is damaged.")
         pos += 4 + n
     return bytes(out)
 
 
-def decompress(data: bytes, compression: str | None = None) -> bytes:
-    """Decompress a kernel payload; trailing bytes after the stream (the build's size word) are ignored."""
+def decompress(data: bytes, compression: str | None = None, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """Decompress a kernel payload to at most ``limit`` bytes (every decoder is capped: a
+    payload that would expand past it is refused, never allocated); trailing bytes after the
+    stream (the build's size word) are ignored."""
     name = compression or detect_compression(data)
+    limit = min(limit, MAX_DECOMPRESSED)
     if name == "gzip":
-        return _stream(name, zlib.decompressobj(16 + zlib.MAX_WBITS), data)
+        return _stream(name, zlib.decompressobj(16 + zlib.MAX_WBITS), data, limit)
     if name == "xz":
-        return _stream(name, lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data)
+        return _stream(name, lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data, limit)
     if name == "lzma":
-        return _stream(name, lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data)
+        return _stream(name, lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data, limit)
     if name == "bzip2":
-        return _stream(name, bz2.BZ2Decompressor(), data)
+        return _stream(name, bz2.BZ2Decompressor(), data, limit)
     if name == "zstd":
-        return _zstd(data)
+        return _zstd(data, limit)
     if name == "lz4":
-        return _lz4(data)
+        return _lz4(data, limit)
     raise BootError(f"{name}-compressed kernels are not supported by kvmkit; rebuild the kernel with xz, gzip or zstd compression.")
 
 
@@ -296,12 +335,12 @@ class BzImage:
     vmlinux: bytes
 
 
-def open_bzimage(image: bytes) -> BzImage:
+def open_bzimage(image: bytes, limit: int = MAX_DECOMPRESSED) -> BzImage:
     """Parse the header and extract the vmlinux ELF in one step."""
     hdr = parse_setup_header(image)
     data = payload(image, hdr)
     name = detect_compression(data)
-    vmlinux = decompress(data, name)
+    vmlinux = decompress(data, name, limit)
     if not vmlinux.startswith(b"\x7fELF"):
         raise BootError("the bzImage payload does not decompress to an ELF vmlinux; the image is damaged or unsupported.")
     return BzImage(header=hdr, compression=name, payload_size=len(data), vmlinux=vmlinux)

@@ -12,11 +12,12 @@ buffer-format.rst).
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
 
 from ..errors import BootError
 
@@ -92,12 +93,18 @@ def _pad4(n: int) -> int:
     return (4 - n % 4) % 4
 
 
-def _member(ino: int, e: CpioEntry) -> bytes:
-    name = e.name.lstrip("/").encode() + b"\0"
-    values = (ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, len(e.data), 0, 0,
+def _header(ino: int, e: CpioEntry, size: int) -> bytes:
+    """A newc header and name for ``e`` with ``size`` data bytes to follow. Names are bytes on
+    disk: one that is not UTF-8 comes through os.fsdecode's surrogates and goes back unchanged."""
+    name = os.fsencode(e.name.lstrip("/")) + b"\0"
+    values = (ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, size, 0, 0,
               e.rdevmajor, e.rdevminor, len(name), 0)
     head = NEWC_MAGIC + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in values)
-    return head + name + b"\0" * _pad4(HEADER_SIZE + len(name)) + e.data + b"\0" * _pad4(len(e.data))
+    return head + name + b"\0" * _pad4(HEADER_SIZE + len(name))
+
+
+def _member(ino: int, e: CpioEntry) -> bytes:
+    return _header(ino, e, len(e.data)) + e.data + b"\0" * _pad4(len(e.data))
 
 
 def write_cpio(entries: list[CpioEntry], compress: bool = False) -> bytes:
@@ -117,32 +124,94 @@ def _pad_to(n: int, block: int) -> int:
     return (block - n % block) % block
 
 
-def entries_from_directory(root: Path) -> list[CpioEntry]:
-    """Every file, directory, symlink and device under ``root``, with its mode and owner."""
+MAX_MEMBER = 0xFFFFFFFF  # newc sizes are 32-bit
+COPY_CHUNK = 1 << 20
+
+
+def write_directory_cpio(root: Path, out: BinaryIO, compress: bool = False) -> int:
+    """Stream every file, directory, symlink and device under ``root`` into ``out`` as a newc
+    archive (gzipped with ``compress``); returns the bytes written before compression.
+
+    Streamed, never held whole: a multi-GiB file costs a copy buffer, not its
+    size in memory. Anything that cannot be archived faithfully is one sentence
+    (BootError) naming it: an unreadable file or directory, one that vanished
+    or changed size during the walk, one larger than a newc member can be.
+    """
     root = Path(root)
     if not root.is_dir():
         raise BootError(f"{root} is not a directory, so no initramfs can be built from it; pass a directory.")
-    out: list[CpioEntry] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def walk_error(exc: OSError) -> None:
+        raise BootError(f"cannot read directory {exc.filename}: {exc.strerror}; fix its permissions or leave it out.")
+
+    sink = gzip.GzipFile(fileobj=out, mode="wb", mtime=0) if compress else out
+    written = 0
+
+    def put(data: bytes) -> None:
+        nonlocal written
+        sink.write(data)
+        written += len(data)
+
+    ino = 0
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
         dirnames.sort()
         for name in sorted(dirnames) + sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                data = os.readlink(path).encode()
-            elif stat.S_ISREG(st.st_mode):
-                data = path.read_bytes()
-            else:
-                data = b""
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                raise BootError(f"{path} disappeared while the initramfs was being built; build it again.") from None
+            ino += 1
             rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
-            out.append(CpioEntry(rel, st.st_mode, data, st.st_uid, st.st_gid, int(st.st_mtime),
-                                 os.major(rdev), os.minor(rdev), 2 if stat.S_ISDIR(st.st_mode) else 1))
-    return out
+            entry = CpioEntry(rel, st.st_mode, b"", st.st_uid, st.st_gid, int(st.st_mtime),
+                              os.major(rdev), os.minor(rdev), 2 if stat.S_ISDIR(st.st_mode) else 1)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.fsencode(os.readlink(path))
+                put(_header(ino, entry, len(target)) + target + b"\0" * _pad4(len(target)))
+            elif stat.S_ISREG(st.st_mode):
+                put(_copy_member(ino, entry, path, st.st_size, put))
+            else:
+                put(_header(ino, entry, 0))
+    trailer = _member(0, CpioEntry(TRAILER, 0, nlink=1))
+    put(trailer)
+    put(b"\0" * _pad_to(written, 512))  # the kernel reads the archive in 512-byte blocks, like cpio(1) writes it
+    if compress:
+        sink.close()
+    return written
+
+
+def _copy_member(ino: int, entry: CpioEntry, path: Path, size: int, put: Callable[[bytes], None]) -> bytes:
+    """Write a regular file's header and contents through ``put``; returns its padding."""
+    if size > MAX_MEMBER:
+        raise BootError(f"{path} is {size / (1 << 30):.1f} GiB, more than a cpio member can hold (4 GiB); leave it out.")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BootError(f"{path} disappeared while the initramfs was being built; build it again.") from None
+    except OSError as e:
+        raise BootError(f"cannot read {path}: {e.strerror}; fix its permissions or leave it out.") from None
+    try:
+        put(_header(ino, entry, size))
+        left = size
+        while left:
+            chunk = os.read(fd, min(left, COPY_CHUNK))
+            if not chunk:
+                raise BootError(f"{path} shrank while the initramfs was being built; build it again.")
+            put(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise BootError(f"cannot read {path}: {e.strerror}; fix it or leave it out.") from None
+    finally:
+        os.close(fd)
+    return b"\0" * _pad4(size)
 
 
 def cpio_from_directory(root: Path, compress: bool = False) -> bytes:
-    return write_cpio(entries_from_directory(root), compress)
+    """:func:`write_directory_cpio` into memory (for tests and small trees)."""
+    buf = io.BytesIO()
+    write_directory_cpio(root, buf, compress)
+    return buf.getvalue()
 
 
 def read_cpio(data: bytes) -> list[CpioEntry]:

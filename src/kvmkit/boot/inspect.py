@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootError
-from .bzimage import XLF_CAN_BE_LOADED_ABOVE_4G, XLF_KERNEL_64, is_bzimage, open_bzimage
+from ..host.files import read_user_file
+from .bzimage import MAX_DECOMPRESSED, XLF_CAN_BE_LOADED_ABOVE_4G, XLF_KERNEL_64, is_bzimage, open_bzimage
 from .elf import ElfImage, is_elf, linux_banner, parse_elf
 
 
@@ -31,10 +32,7 @@ def _elf_facts(elf: ElfImage) -> dict[str, Any]:
 def describe_kernel(path: Path | str) -> dict[str, Any]:
     """Facts about a bzImage or ELF kernel as a JSON-friendly dict (numbers stay numbers)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BootError(f"cannot read kernel {path} ({exc.strerror}); check the path.") from exc
+    data = read_user_file(path, "kernel", MAX_DECOMPRESSED, BootError)  # a regular file of a sane size, checked first
     info: dict[str, Any] = {"path": str(path), "file_size": len(data)}
     if is_bzimage(data):
         bz = open_bzimage(data)

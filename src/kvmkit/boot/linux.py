@@ -142,10 +142,13 @@ class KernelImage:
         return self.fmt == "bzImage" or self.kernel_version is not None
 
 
-def open_kernel(kernel: bytes) -> KernelImage:
-    """Recognise and parse a bzImage or an x86-64 ELF; one sentence (BootError) for anything else."""
+def open_kernel(kernel: bytes, limit: int = 1 << 30) -> KernelImage:
+    """Recognise and parse a bzImage or an x86-64 ELF; one sentence (BootError) for anything else.
+
+    ``limit`` caps what the payload may decompress to: the guest's memory,
+    since a kernel bigger than that could not be loaded anyway."""
     if is_bzimage(kernel):
-        bz = open_bzimage(kernel)
+        bz = open_bzimage(kernel, limit)
         hdr = bz.header
         if not hdr.is_64bit:
             raise BootError("the bzImage is a 32-bit kernel (XLF_KERNEL_64 is not set), and kvmkit boots 64-bit kernels only; use an x86-64 kernel.")

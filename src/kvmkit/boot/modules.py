@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import BootError
+from .bzimage import zstd_bounded
 from .elf import ELF_MAGIC, ELFCLASS64, ELFDATA2LSB
 from .fetch import kernel_package
 
@@ -183,10 +184,7 @@ def _unzstd(blob: bytes, filename: str) -> bytes:
     except ImportError:
         zstandard = None
     if zstandard is not None:
-        try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
-        except zstandard.ZstdError as exc:
-            raise BootError(f"{filename} is not a valid zstd module ({exc}); fetch the module tree again.") from exc
+        return zstd_bounded(blob, MAX_MODULE_SIZE, filename)
     if shutil.which("zstd") is None:
         raise BootError(f"{filename} is zstd-compressed and neither the zstandard Python package nor the zstd tool is here; run 'apt-get install zstd'.")
     out = subprocess.run(["zstd", "-dc"], input=blob, capture_output=True, timeout=120)

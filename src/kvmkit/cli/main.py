@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from .. import __version__
 from ..errors import KvmkitError
@@ -65,10 +66,22 @@ def run_config(args: argparse.Namespace) -> "VmConfig":
                     disks=[parse_disk(d) for d in args.disk], console=args.console, rng=args.rng)
 
 
+def _check_writable(path: str, what: str) -> None:
+    """Fail before the VM runs, not after, when a file the run ends by writing cannot be written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise KvmkitError(f"cannot write the {what} to {path}: {e.strerror}; choose a writable path.") from None
+    os.close(fd)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..machine.machine import Machine
 
-    machine = Machine(run_config(args))  # KVM problems first: they are the most basic
+    config = run_config(args)
+    if args.stats_json:
+        _check_writable(args.stats_json, "statistics (--stats-json)")
+    machine = Machine(config)  # KVM problems first: they are the most basic
     try:
         machine.load()
         if args.kernel and not args.initrd and not args.disk:
@@ -112,22 +125,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_initramfs(args: argparse.Namespace) -> int:
+    if args.directory and args.modules:
+        raise KvmkitError("--modules packs a busybox system; it does not combine with --directory.")
+    try:
+        out = open(args.output, "wb")
+    except OSError as e:
+        raise KvmkitError(f"cannot write the initramfs to {args.output}: {e.strerror}; choose a writable path.") from None
+    try:
+        with out:
+            size = _write_initramfs(args, out)
+    except BaseException:
+        try:
+            os.unlink(args.output)  # no half-written archive left behind to be booted by mistake
+        except OSError:
+            pass
+        raise
+    print(f"kvmkit: wrote {size} bytes of archive to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _write_initramfs(args: argparse.Namespace, out: BinaryIO) -> int:
     from ..boot import initramfs as ir
     if args.directory:
-        if args.modules:
-            raise KvmkitError("--modules packs a busybox system; it does not combine with --directory.")
-        data = ir.cpio_from_directory(Path(args.directory), compress=args.gzip)
-    else:
-        modules = None
-        if args.modules:
-            from ..boot.modules import VIRTIO_ROOT_MODULES, find_modules, resolve_modules
-            names = args.module or list(VIRTIO_ROOT_MODULES)
-            modules = resolve_modules(find_modules(args.modules), names)
-            print(f"kvmkit: modules, in load order: {' '.join(m.name for m in modules)}", file=sys.stderr)
-        data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip, modules=modules)
-    Path(args.output).write_bytes(data)
-    print(f"kvmkit: wrote {len(data)} bytes to {args.output}", file=sys.stderr)
-    return 0
+        return ir.write_directory_cpio(Path(args.directory), out, compress=args.gzip)
+    modules = None
+    if args.modules:
+        from ..boot.modules import VIRTIO_ROOT_MODULES, find_modules, resolve_modules
+        modules = resolve_modules(find_modules(args.modules), args.module or list(VIRTIO_ROOT_MODULES))
+        print(f"kvmkit: modules, in load order: {' '.join(m.name for m in modules)}", file=sys.stderr)
+    data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip, modules=modules)
+    out.write(data)
+    return len(data)
 
 
 def cmd_rootfs(args: argparse.Namespace) -> int:

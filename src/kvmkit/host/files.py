@@ -16,8 +16,15 @@ from pathlib import Path
 from ..errors import KvmkitError
 
 
-def read_user_file(path: str | Path, what: str, limit: int) -> bytes:
-    """The whole of a regular file of at most ``limit`` bytes; one sentence for anything else."""
+def read_user_file(path: str | Path, what: str, limit: int, error: type[KvmkitError] = KvmkitError) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes; one sentence (``error``) for anything else."""
+    try:
+        return _read(path, what, limit)
+    except KvmkitError as e:
+        raise error(str(e)) from None
+
+
+def _read(path: str | Path, what: str, limit: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:

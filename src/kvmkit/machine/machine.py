@@ -239,7 +239,7 @@ class Machine:
         else:
             image = read_user_file(cfg.kernel, "kernel", cfg.mem_size)
         initrd = read_user_file(cfg.initrd, "initrd", cfg.mem_size) if cfg.initrd is not None else None
-        kernel = open_kernel(image)
+        kernel = open_kernel(image, limit=cfg.mem_size)
         cmdline = build_cmdline(cfg.cmdline, linux=kernel.is_linux, pci=cfg.has_pci,
                                 quirk_params=self.quirks.cmdline_params() if kernel.is_linux else (),
                                 script=cfg.script, virtio_console=cfg.console == "virtio")
