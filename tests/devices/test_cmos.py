@@ -178,3 +178,52 @@ def test_any_access_sequence_is_safe(ops: list[tuple[int, int, int]], t: float) 
             d.io_write(value & 1, size, value >> 1)
         else:
             assert 0 <= d.io_read(value & 1, size) <= 0xFF
+
+
+def _walked(d: Cmos, t0: float, t1: float) -> bool:
+    """The old definition, second by second: the reference the computed alarm check must agree with."""
+    import time as _time
+    alarm = (d.ram[c.HOURS_ALARM], d.ram[c.MINUTES_ALARM], d.ram[c.SECONDS_ALARM])
+    for sec in range(int(t0) + 1, min(int(t1), int(t0) + 1 + 86400) + 1):
+        t = _time.gmtime(sec)
+        want = (d._encode_hour(t.tm_hour), d._encode(t.tm_min), d._encode(t.tm_sec))
+        if all(a >= 0xC0 or a == w for a, w in zip(alarm, want)):
+            return True
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=st.sampled_from([0x00, 0x07, 0x12, 0x23, 0x81, 0x92, 0xC0, 0xFF, 0x30, 0x99]),
+       m=st.sampled_from([0x00, 0x30, 0x59, 0x60, 0xC5, 0x7F]), s=st.sampled_from([0x00, 0x29, 0x59, 0xC0, 0x5A]),
+       start=st.integers(0, 86400 * 3), length=st.integers(0, 90000), mode=st.sampled_from([0x02, 0x06, 0x00, 0x04]))
+def test_alarm_check_agrees_with_walking_every_second(h, m, s, start, length, mode) -> None:
+    d = Cmos(Clock())
+    wr(d, c.REG_B, mode)  # 24 h or 12 h, BCD or binary
+    for reg, v in ((c.HOURS_ALARM, h), (c.MINUTES_ALARM, m), (c.SECONDS_ALARM, s)):
+        wr(d, reg, v)
+    t0 = T0 + start
+    assert d._alarm_passed(t0, t0 + length) == _walked(d, t0, t0 + length)
+
+
+def test_reg_c_after_a_day_long_clock_jump_is_immediate() -> None:
+    """Issue 12, item 16: the alarm check used to walk every second of the jump (0.24 s per day)."""
+    import time as _time
+    clock = Clock()
+    d = Cmos(clock)
+    wr(d, c.SECONDS_ALARM, 0x12)
+    wr(d, c.MINUTES_ALARM, 0x34)
+    wr(d, c.HOURS_ALARM, 0x05)
+    rd(d, c.REG_C)
+    clock.t += 86400 * 365 * 50
+    t = _time.perf_counter()
+    assert rd(d, c.REG_C) & c.REG_C_AF
+    assert _time.perf_counter() - t < 0.02
+
+
+@given(t=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70).map(float)))
+def test_an_absurd_host_clock_still_reads_as_bcd(t: float) -> None:
+    d = Cmos(Clock(t))
+    for reg in (c.SECONDS, c.MINUTES, c.HOURS, c.DAY_OF_MONTH, c.MONTH, c.YEAR, c.CENTURY):
+        v = rd(d, reg) & 0x7F if reg == c.HOURS else rd(d, reg)
+        assert v >> 4 <= 9 and v & 0xF <= 9, (t, reg, hex(v))
+    rd(d, c.REG_C)

@@ -80,3 +80,21 @@ def test_random_accesses_never_raise(ops):
         v = bus.read(addr, size)
         assert 0 <= v < (1 << (8 * size))
         bus.write(addr, size, value)
+
+
+def test_unclaimed_accounting_stays_bounded_whatever_the_guest_sweeps():
+    """Issue 12, item 7: a guest touching every address must not grow kvmkit's tables."""
+    from kvmkit.profile.exits import MAX_DISTINCT, OTHER, VcpuExitStats, tally
+    bus = Bus("mmio", 1 << 52)
+    for i in range(100_000):
+        bus.write(0x1_0000_0000 + i * 8, 4, i)
+        bus.read(0x2_0000_0000 + i * 8, 4)
+    assert bus.unclaimed_writes == 100_000 and bus.unclaimed_reads == 100_000
+    assert len(bus.unclaimed) <= MAX_DISTINCT + 1
+    assert sum(bus.unclaimed.values()) == 200_000 and bus.unclaimed[OTHER] > 0
+    assert "other" in bus.summary()
+    st = VcpuExitStats(0)
+    for page in range(0, 10_000 << 12, 1 << 12):
+        tally(st.mmio, (page, "w"))
+    assert len(st.mmio) <= MAX_DISTINCT + 1 and sum(st.mmio.values()) == 10_000
+    assert "other/w" in st.as_dict()["mmio"]

@@ -172,3 +172,43 @@ def test_setting_parsers() -> None:
     assert tracefs.current_choice("local global [x86-tsc]") == "x86-tsc"
     assert tracefs.buffer_kb_value("7 (expanded: 1408)") == "1408"
     assert tracefs.buffer_kb_value("4096\n") == "4096"
+
+
+def test_a_capture_killed_with_sigkill_changes_nothing_global_and_its_instance_is_removed_later() -> None:
+    """Issue 12, item 15: `kvmkit trace record` records in instances/kvmkit-PID, never in the global buffer."""
+    from kvmkit.profile.tracefs import find_tracefs
+    root = find_tracefs()
+    mounted = None
+    if root is None:
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"]).returncode:
+            pytest.skip("tracefs is not available")
+        root = mounted = find_tracefs()
+        assert root is not None
+    try:
+        _killed_capture_leaves_nothing(root)
+    finally:
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)])
+
+
+def _killed_capture_leaves_nothing(root: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    from kvmkit.profile.tracefs import own_instance_name, snapshot
+    before = snapshot(root)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, time\n"
+        "from kvmkit.profile.tracefs import TraceSession, own_instance_name\n"
+        "s = TraceSession(['kvm:kvm_exit'], [os.getpid()], buffer_kb=256, instance=own_instance_name())\n"
+        "s.start(); print('tracing', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "tracing"
+        assert (root / "instances" / own_instance_name(child.pid)).is_dir()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert snapshot(root) == before  # the global settings were never touched
+    with TraceSession(["kvm:kvm_exit"], [os.getpid()], buffer_kb=256, instance=own_instance_name()):
+        pass
+    assert not (root / "instances" / own_instance_name(child.pid)).exists()

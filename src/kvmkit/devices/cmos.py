@@ -53,6 +53,21 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+MAX_RTC_TIME = 253402300799  # 9999-12-31 23:59:59 UTC: the last time the century byte can show
+
+
+def _clamp(t: float) -> float:
+    """A time within what the RTC's registers can show: a host clock far off (or NaN) is clamped."""
+    if not t == t:  # NaN
+        return 0.0
+    return min(max(t, 0.0), float(MAX_RTC_TIME))
+
+
+def _representable(t: float) -> int:
+    """Whole seconds of :func:`_clamp`."""
+    return int(_clamp(t))
+
+
 def to_bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
@@ -97,7 +112,7 @@ class Cmos:
                 self.ram[k] = v & 0xFF
         self.offset = 0.0  # guest-set time minus the injected clock, seconds
         self._frozen: float | None = None  # the time while SET is on
-        self._last_c_read = self.clock()
+        self._last_c_read = _clamp(self.clock())
 
     # -- the bus interface ---------------------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
@@ -141,7 +156,7 @@ class Cmos:
         return h + 12 if pm else h
 
     def _time_fields(self) -> dict[int, int]:
-        t = time.gmtime(int(self.now()))
+        t = time.gmtime(_representable(self.now()))
         return {SECONDS: self._encode(t.tm_sec), MINUTES: self._encode(t.tm_min),
                 HOURS: self._encode_hour(t.tm_hour), DAY_OF_WEEK: self._encode((t.tm_wday + 1) % 7 + 1),
                 DAY_OF_MONTH: self._encode(t.tm_mday), MONTH: self._encode(t.tm_mon),
@@ -167,7 +182,7 @@ class Cmos:
         return self.ram[index]
 
     def _read_c(self) -> int:
-        now = self.clock()
+        now = _clamp(self.clock())
         flags = 0
         if int(now) != int(self._last_c_read) and not self.ram[REG_B] & REG_B_SET:
             flags |= REG_C_UF
@@ -185,15 +200,42 @@ class Cmos:
         return flags
 
     def _alarm_passed(self, t0: float, t1: float) -> bool:
-        """Whether the alarm time matched any second in (t0, t1] (0xC0-0xFF = don't care)."""
-        alarm = (self.ram[HOURS_ALARM], self.ram[MINUTES_ALARM], self.ram[SECONDS_ALARM])
-        start = int(t0) + 1
-        for sec in range(start, min(int(t1), start + 86400) + 1):
-            t = time.gmtime(sec)
-            want = (self._encode_hour(t.tm_hour), self._encode(t.tm_min), self._encode(t.tm_sec))
-            if all(a >= 0xC0 or a == w for a, w in zip(alarm, want)):
-                return True
+        """Whether the alarm time matched any second in (t0, t1] (0xC0-0xFF = don't care).
+
+        Computed, not walked: at most 24 x 60 (hour, minute) pairs are looked
+        at, whatever the gap since the last read (a host clock that jumped a
+        day must not stall the vCPU reading REG_C).
+        """
+        start, end = _representable(t0) + 1, _representable(t1)
+        if end < start:
+            return False
+        hours = self._alarm_values(self.ram[HOURS_ALARM], 24, hour=True)
+        minutes = self._alarm_values(self.ram[MINUTES_ALARM], 60)
+        seconds = self._alarm_values(self.ram[SECONDS_ALARM], 60)
+        if not (hours and minutes and seconds):
+            return False  # an alarm no time of day can match
+        if end - start + 1 >= 86400:
+            return True
+        # The interval as times of day: one range, or two when it crosses midnight.
+        s0, s1 = start % 86400, end % 86400
+        ranges = [(s0, s1)] if s0 <= s1 else [(s0, 86399), (0, s1)]
+        for h in hours:
+            for m in minutes:
+                base = h * 3600 + m * 60
+                lo, hi = base + seconds[0], base + seconds[-1]
+                for r0, r1 in ranges:
+                    if lo > r1 or hi < r0:
+                        continue
+                    if len(seconds) == 60 or any(r0 <= base + sec <= r1 for sec in seconds):
+                        return True
         return False
+
+    def _alarm_values(self, reg: int, count: int, hour: bool = False) -> list[int]:
+        """The values an alarm register matches: all of them for don't-care, else the one it encodes."""
+        if reg >= 0xC0:
+            return list(range(count))
+        matches = [v for v in range(count) if (self._encode_hour(v) if hour else self._encode(v)) == reg]
+        return matches
 
     def write_register(self, index: int, value: int) -> None:
         index &= 0x7F

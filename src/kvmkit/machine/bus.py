@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..devices.base import BusDevice
 from ..errors import KvmkitError
+from ..profile.exits import format_addr, tally
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,10 @@ class Bus:
         top = sorted(self.unclaimed.items(), key=lambda kv: -kv[1])[:5]
         return (f"{self.name}: {self.unclaimed_reads} unclaimed reads, {self.unclaimed_writes} unclaimed writes"
                 + (f", {self.device_errors} device errors" if self.device_errors else "")
-                + (" (" + ", ".join(f"{a:#x}x{n}" for a, n in top) + ")" if top else ""))
+                + (" (" + ", ".join(f"{format_addr(a)}x{n}" for a, n in top) + ")" if top else ""))
 
     def _count_unclaimed(self, addr: int) -> None:
-        self.unclaimed[addr] = self.unclaimed.get(addr, 0) + 1
+        tally(self.unclaimed, addr)  # bounded: a guest sweeping addresses cannot grow it
 
     def resolve(self, addr: int) -> tuple[BusDevice, int] | None:
         """(device, offset) for a one-byte access at ``addr``, for callers that cache dispatch."""

@@ -25,7 +25,7 @@ from typing import Callable
 from ..kvm import constants as c
 from ..kvm import structs as s
 from ..kvm.system import KvmError, Vcpu, run_ioctl
-from ..profile.exits import VcpuExitStats
+from ..profile.exits import VcpuExitStats, tally
 from .bus import Bus
 from .lifecycle import ERROR, HALT, POWEROFF, RESET, TRIPLE_FAULT, Lifecycle, Outcome
 
@@ -261,10 +261,10 @@ class VcpuRunner:
                     if not 1 <= length <= 8:
                         return Outcome(1, f"KVM reported a malformed MMIO exit (address {addr:#x}, length {length})", ERROR)
                     if mmio.is_write:
-                        mmio_counts[(addr & ~0xFFF, "w")] += 1
+                        tally(mmio_counts, (addr & ~0xFFF, "w"))
                         mmio_write(addr, length, int.from_bytes(bytes(mmio.data[:length]), "little"))
                     else:
-                        mmio_counts[(addr & ~0xFFF, "r")] += 1
+                        tally(mmio_counts, (addr & ~0xFFF, "r"))
                         value = mmio_read(addr, length)
                         ctypes.memmove(mmio.data, value.to_bytes(8, "little"), 8)
                     continue

@@ -13,6 +13,23 @@ from dataclasses import dataclass, field
 from ..kvm.constants import exit_reason_name
 
 
+MAX_DISTINCT = 256  # distinct addresses a tally keeps; the rest are counted together as OTHER
+OTHER = -1          # the key of "every other address": a guest sweeping the address space cannot grow a tally
+
+
+def tally(counts: dict, key: object, limit: int = MAX_DISTINCT) -> None:
+    """Count ``key`` in ``counts``, a bounded table: past ``limit`` keys, new ones count as OTHER."""
+    if key in counts or len(counts) < limit:
+        counts[key] = counts.get(key, 0) + 1
+    else:
+        other = (OTHER, key[1]) if isinstance(key, tuple) else OTHER
+        counts[other] = counts.get(other, 0) + 1
+
+
+def format_addr(a: int) -> str:
+    return "other" if a == OTHER else f"{a:#x}"
+
+
 @dataclass
 class VcpuExitStats:
     vcpu: int
@@ -32,7 +49,7 @@ class VcpuExitStats:
             "vcpu": self.vcpu,
             "exits": {exit_reason_name(r): n for r, n in sorted(self.exits.items())},
             "pio": {f"{port:#x}/{d}": n for (port, d), n in sorted(self.pio.items())},
-            "mmio": {f"{page:#x}/{d}": n for (page, d), n in sorted(self.mmio.items())},
+            "mmio": {f"{format_addr(page)}/{d}": n for (page, d), n in sorted(self.mmio.items())},
             "run_ns": self.run_ns,
             "handler_ns": self.handler_ns,
             "kicks": self.kicks,
@@ -66,7 +83,7 @@ def format_exit_table(stats: list[VcpuExitStats], kvm_stats: dict[int, dict[str,
         if st.mmio:
             lines.append(f"  {'mmio page':<24}{'count':>12}")
             for (page, d), n in st.mmio.most_common(top):
-                lines.append(f"  {f'{page:#x} {d}':<24}{n:>12}")
+                lines.append(f"  {f'{format_addr(page)} {d}':<24}{n:>12}")
         if kvm_stats and st.vcpu in kvm_stats:
             ks = kvm_stats[st.vcpu]
             interesting = [k for k in ("exits", "halt_exits", "io_exits", "mmio_exits", "irq_exits",

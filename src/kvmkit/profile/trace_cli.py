@@ -19,7 +19,7 @@ from typing import Callable
 
 from kvmkit.errors import KvmkitError
 from kvmkit.profile import ftrace, svgplot, trace_report
-from kvmkit.profile.tracefs import TraceSession
+from kvmkit.profile.tracefs import TraceSession, own_instance_name
 
 DEFAULT_EVENTS: list[str] = [
     "kvm:*",
@@ -90,7 +90,11 @@ def record(
     """
     installed, old_term = _catch_sigterm()
     try:
-        with TraceSession(list(events), [os.getpid()], buffer_kb=buffer_kb, clock=clock, event_fork=True) as session:
+        # A private instance (instances/kvmkit-PID): nothing global changes, so even a
+        # capture killed with SIGKILL leaves the host's tracing as it was; a later run
+        # removes the instance a dead capture left.
+        with TraceSession(list(events), [os.getpid()], buffer_kb=buffer_kb, clock=clock, event_fork=True,
+                          instance=own_instance_name()) as session:
             if session.missing:
                 print(f"kvmkit: trace events not on this kernel: {', '.join(session.missing)}", file=sys.stderr)
             try:

@@ -87,6 +87,36 @@ def find_tracefs() -> Path | None:
     return None
 
 
+INSTANCE_PREFIX = "kvmkit-"
+
+
+def own_instance_name(pid: int | None = None) -> str:
+    """The private ftrace instance of one kvmkit process: ``kvmkit-PID``."""
+    return f"{INSTANCE_PREFIX}{pid if pid is not None else os.getpid()}"
+
+
+def remove_stale_instances(root: Path) -> list[str]:
+    """Remove ``kvmkit-PID`` instances whose process is gone (a capture killed with SIGKILL); their names."""
+    removed = []
+    try:
+        entries = list((root / "instances").iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        name = path.name
+        if not name.startswith(INSTANCE_PREFIX) or not name[len(INSTANCE_PREFIX):].isdigit():
+            continue
+        pid = int(name[len(INSTANCE_PREFIX):])
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            path.rmdir()
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """The settings a session changes, normalised so they compare equal when restored."""
     snap: dict[str, str] = {}
@@ -179,6 +209,7 @@ class TraceSession:
     def _instance_dir(self, root: Path) -> Path:
         if self.instance is None:
             return root
+        remove_stale_instances(root)
         path = root / "instances" / self.instance
         try:
             path.mkdir()
