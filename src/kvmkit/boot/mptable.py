@@ -3,7 +3,7 @@
 kvmkit gives the guest no ACPI tables, so the MP table is how Linux learns
 that there is a local APIC per CPU and an IOAPIC, and how ISA interrupts are
 wired to IOAPIC pins. Without it Linux falls back to the PIC and PIT and does
-not use the local APIC timer (see ENVIRONMENT.md). The wiring is a PC's: the
+not use the local APIC timer (docs/linux-boot.md). The wiring is a PC's: the
 8254 timer's IRQ 0 arrives at IOAPIC pin 2, the other ISA IRQs at the pin of
 the same number, the 8259 PIC as ExtINT on LINT0 and NMI on LINT1.
 """

@@ -31,6 +31,7 @@ from .stream import OUTPUT_LIMIT, HostStream
 FLUSH_INTERVAL = 0.001         # seconds a partial TX burst may wait for more bytes
 CTI_DELAY = 0.0005             # seconds of RX silence before the character timeout
 RESUME_DELAY = 0.002           # seconds before input resumes for a guest that leaves bytes in the FIFO
+_PENDING = TimerHandle(0.0, lambda: None)  # a character timeout asked of the loop and not armed yet
 
 
 class SerialPort:
@@ -93,10 +94,13 @@ class SerialPort:
                 # The guest emptied the RX FIFO: refill it in one read
                 # rather than a byte at a time as slots free up.
                 self.stream.resume_input()
-            elif self.uart.cti_armed:
-                # It read part of it: the bytes left below the trigger level
-                # get their character timeout again, as on the real part,
-                # or a guest waiting for an interrupt would never see them.
+            elif self._cti is None and self.uart.cti_armed:
+                # It read part of it and no timeout is running: the bytes left
+                # below the trigger level get their character timeout again,
+                # as on the real part, or a guest waiting for an interrupt
+                # would never see them. (At most one wake-up of the host loop
+                # per timeout, not one per byte read.)
+                self._cti = _PENDING
                 self.loop.call_soon(self._arm_cti)
         return byte
 
@@ -135,7 +139,7 @@ class SerialPort:
 
     def _arm_cti(self) -> None:
         """(Re)start the character-timeout timer (host loop): bytes below the trigger level wait."""
-        if self._cti is not None:
+        if self._cti is not None and self._cti is not _PENDING:
             self._cti.cancel()
         self._cti = self.loop.call_later(CTI_DELAY, self._character_timeout)
 
