@@ -32,7 +32,6 @@ def boot_kvm(script: str, typed: str = "", timeout: float = 60.0) -> tuple[str, 
     """Run the guest; return (how it ended, COM1 output). typed: lines sent
     one per "kvmkit> " prompt, each raising ISA IRQ 4."""
     try:
-        from kvmkit.kvm import structs as s
         from kvmkit.kvm.constants import ExitReason
         from kvmkit.kvm.system import Kvm
         kvm = Kvm()

@@ -18,7 +18,7 @@ from kvmkit.kvm import structs as s
 
 STRUCTS = {
     "kvm_run": s.kvm_run, "kvm_regs": s.kvm_regs, "kvm_sregs": s.kvm_sregs,
-    "kvm_segment": s.kvm_segment, "kvm_dtable": s.kvm_dtable, "kvm_fpu": s.kvm_fpu,
+    "kvm_segment": s.kvm_segment, "kvm_pic_state": s.kvm_pic_state, "kvm_irqchip": s.kvm_irqchip, "kvm_dtable": s.kvm_dtable, "kvm_fpu": s.kvm_fpu,
     "kvm_msr_entry": s.kvm_msr_entry, "kvm_msrs": s.kvm_msrs,
     "kvm_cpuid_entry2": s.kvm_cpuid_entry2, "kvm_cpuid2": s.kvm_cpuid2,
     "kvm_lapic_state": s.kvm_lapic_state, "kvm_vcpu_events": s.kvm_vcpu_events,

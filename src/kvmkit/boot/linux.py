@@ -233,6 +233,7 @@ def load_linux(
     mptable: bool = True,
     gb_pages: bool = False,
     pci_irqs: list[tuple[int, int]] | None = None,
+    level_irqs: tuple[int, ...] = (),
 ) -> BootInfo:
     """Load ``kernel`` (bzImage or x86-64 ELF), initrd and command line into ``mem``.
 
@@ -272,7 +273,7 @@ def load_linux(
     mem.write(layout.CMDLINE_ADDR, raw_cmdline + b"\0")
     if initrd:
         mem.write(initrd_addr, initrd)
-    mp_addr = write_mptable(mem, ncpus, pci_irqs) if mptable else None
+    mp_addr = write_mptable(mem, ncpus, pci_irqs, level_irqs) if mptable else None
     e820 = e820_map(mem)
     mem.write(layout.BOOT_PARAMS_ADDR, build_boot_params(k.setup_header, e820, layout.CMDLINE_ADDR, initrd_addr, initrd_size))
     gdt_base, gdt_limit = write_gdt(mem)

@@ -51,8 +51,9 @@ ISA_BUS_ID = 0
 PCI_BUS_TYPE = b"PCI   "
 ISA_BUS_TYPE = b"ISA   "
 ISA_IRQS = 16
-# PCI interrupt entries: level-triggered, active high (the line kvmkit drives
-# is the OR of its sources; KVM's IOAPIC takes "high" as asserted).
+# Level-triggered, active-high interrupt entries (PCI INTx, and the ISA IRQs
+# kvmkit wires level): the line kvmkit drives is the OR of its sources, and
+# KVM's IOAPIC takes "high" as asserted.
 PCI_INT_FLAGS = 0x0D  # polarity 01 (active high), trigger 11 (level)
 TIMER_IRQ = 0
 TIMER_PIN = 2
@@ -64,13 +65,15 @@ def checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def build_config_table(ncpus: int, pci_irqs: list[tuple[int, int]] | None = None) -> bytes:
+def build_config_table(ncpus: int, pci_irqs: list[tuple[int, int]] | None = None,
+                       level_irqs: tuple[int, ...] = ()) -> bytes:
     """The MP configuration table (header and base entries) for ``ncpus`` CPUs.
 
     ``pci_irqs`` lists (slot, ISA IRQ) for the INTA# of each device on PCI
     bus 0; with it the table gains a PCI bus (ID 0; the ISA bus becomes ID
     1) and one level-triggered interrupt source per device, on the IOAPIC
-    pin of that IRQ, whose ISA entry is then left out.
+    pin of that IRQ, whose ISA entry is then left out. ISA IRQs in
+    ``level_irqs`` are declared level-triggered, active high.
     """
     if not 1 <= ncpus <= MAX_CPUS:
         raise BootError(f"the MP table can describe 1 to {MAX_CPUS} CPUs, not {ncpus}; choose a CPU count in that range.")
@@ -97,7 +100,8 @@ def build_config_table(ncpus: int, pci_irqs: list[tuple[int, int]] | None = None
             continue
         pin = TIMER_PIN if irq == TIMER_IRQ else irq
         # flags 0: polarity and trigger "conform to the bus" (ISA: active high, edge)
-        add(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, 0, isa_bus, irq, ioapic_id, pin))
+        flags = PCI_INT_FLAGS if irq in level_irqs else 0
+        add(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, flags, isa_bus, irq, ioapic_id, pin))
     for slot, irq in pci_irqs or ():
         # Source bus IRQ for PCI: device number in bits 6:2, INTA# = 0 in bits 1:0.
         add(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, PCI_INT_FLAGS, 0, slot << 2, ioapic_id, irq))
@@ -120,7 +124,8 @@ def build_floating_pointer(config_addr: int) -> bytes:
     return bytes(fp)
 
 
-def write_mptable(mem: GuestMemory, ncpus: int, pci_irqs: list[tuple[int, int]] | None = None) -> int:
+def write_mptable(mem: GuestMemory, ncpus: int, pci_irqs: list[tuple[int, int]] | None = None,
+                  level_irqs: tuple[int, ...] = ()) -> int:
     """Write the MP table into the reserved BIOS area and return the floating pointer's address.
 
     The floating pointer sits in the last KiB of base memory, one of the
@@ -128,7 +133,7 @@ def write_mptable(mem: GuestMemory, ncpus: int, pci_irqs: list[tuple[int, int]] 
     (up to 40 CPUs) and otherwise goes to 0xf0000, also inside the area
     that the e820 map reserves.
     """
-    table = build_config_table(ncpus, pci_irqs)
+    table = build_config_table(ncpus, pci_irqs, level_irqs)
     fp_addr = layout.MPTABLE_ADDR
     if FLOATING_SIZE + len(table) <= 0x400:
         config_addr = fp_addr + FLOATING_SIZE

@@ -286,6 +286,20 @@ class kvm_clock_data(Structure):
     ]
 
 
+class kvm_pic_state(Structure):
+    _fields_ = [(name, u8) for name in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll", "special_mask",
+        "init_state", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+class _irqchip_u(Union):
+    _fields_ = [("dummy", c_char * 512), ("pic", kvm_pic_state)]
+
+
+class kvm_irqchip(Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _irqchip_u)]
+
+
 class kvm_pit_config(Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 

@@ -172,6 +172,15 @@ class Vm:
     def create_irqchip(self) -> None:
         _ioctl(self.fd, c.KVM_CREATE_IRQCHIP)
 
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """KVM_GET_IRQCHIP: the in-kernel PIC (master 0, slave 1) or IOAPIC (2) state."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, c.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        _ioctl(self.fd, c.KVM_SET_IRQCHIP, chip)
+
     def create_pit2(self, flags: int = c.KVM_PIT_SPEAKER_DUMMY) -> None:
         _ioctl(self.fd, c.KVM_CREATE_PIT2, s.kvm_pit_config(flags=flags))
 

@@ -25,7 +25,7 @@ from ..host.backends import Backend, NullBackend, SharedOutputBackend, parse_bac
 from ..host.blockfile import RawImage
 from ..host.files import read_user_file
 from ..host.loop import EventLoop
-from ..kvm.constants import Cap
+from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap
 from ..kvm.system import Kvm, KvmError, Vm
 from ..memory import MiB, GuestMemory
 from ..profile.exits import VcpuExitStats, format_exit_table
@@ -105,6 +105,7 @@ class Machine:
         if cfg.irqchip:
             vm.create_irqchip()
             vm.create_pit2()
+            self._set_level_triggered(self.pc.level_irqs())
         if kvm.check_extension(Cap.EXIT_ON_EMULATION_FAILURE):
             try:
                 vm.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
@@ -128,6 +129,16 @@ class Machine:
                 self.kvm_stats[i] = StatsReader(vcpu.stats_fd())
             except (KvmError, OSError):
                 pass
+
+    def _set_level_triggered(self, irqs: tuple[int, ...]) -> None:
+        """Program the in-kernel PICs' ELCR for ``irqs``, as PC firmware does for level-triggered lines."""
+        assert self.vm is not None
+        for chip_id, first in ((KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_PIC_SLAVE, 8)):
+            mask = sum(1 << (irq - first) for irq in irqs if first <= irq < first + 8)
+            if mask:
+                chip = self.vm.get_irqchip(chip_id)
+                chip.chip.pic.elcr |= mask & chip.chip.pic.elcr_mask
+                self.vm.set_irqchip(chip)
 
     def irq_line(self, gsi: int) -> IrqLine:
         line = self.irq_lines.get(gsi)
@@ -246,7 +257,8 @@ class Machine:
         # Poweroff without ACPI: Linux halts with interrupts off on every CPU.
         self._watch_poweroff = kernel.is_linux
         pci_irqs = [(slot, irq) for slot, irq in self.pci.intx.items()] if self.pci is not None else None
-        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus, pci_irqs=pci_irqs)
+        info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus, pci_irqs=pci_irqs,
+                          level_irqs=self.pc.level_irqs())
         self.boot_info = info
         set_long_mode(self.runners[0].vcpu, info)
         return info

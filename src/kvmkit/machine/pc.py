@@ -120,6 +120,12 @@ class PcMap:
         """(index, placement) of every COM port present (``--serial off`` removes one)."""
         return [(i, self._by_name[f"COM{i + 1}"]) for i in range(len(COM_PORTS)) if f"COM{i + 1}" in self._by_name]
 
+    def level_irqs(self) -> tuple[int, ...]:
+        """ISA IRQs wired level-triggered: the PCI INTx lines (PCI interrupts are levels; the PIC's
+        ELCR and the MP table say so, as PC firmware does). The COM ports' stay edge-triggered, as
+        on every PC: Linux's 8250 driver, tried on a level-triggered IRQ 4, ended up polling."""
+        return tuple(sorted(PCI_INTX_IRQS)) if self.config.has_pci else ()
+
     def pci_mmio64_base(self, ram_end: int) -> int:
         """Where 64-bit BARs go: above all RAM (and above 4 GiB), on a 1 GiB boundary."""
         top = max(ram_end, HIGH_RAM_START)
