@@ -9,7 +9,14 @@ shell and checks, in order:
    0x3f8 / IRQ 4, and never "too much work for irq";
 3. /init's marker, an interactive shell prompt, commands typed into it
    (`uname -r`, `cat /proc/interrupts`, `echo` through the interrupt-driven
-   TTY path), and `poweroff -f` ending kvmkit with status 0.
+   TTY path), and `poweroff -f` ending kvmkit with status 0;
+4. the mail's complaint, measured on Linux's own console: kvmkit's
+   statistics (Ctrl-A s, typed at the prompt) show at most 64 host write()
+   calls per KiB of boot log, which Linux's printk console writes one
+   character at a time;
+5. Linux's own view of IRQ 4 (/proc/irq/4/spurious) after the boot and
+   after 1 MiB written through the tty (the 8250 driver's interrupt-driven
+   path): under 1 % of the interrupts unhandled.
 
 Each milestone's host time is printed (seconds since kvmkit was started,
 so kvmkit's own start-up and the kernel's decompression are included) and
@@ -31,7 +38,10 @@ from kvmkit.boot.initramfs import INIT_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
-SHELL_PROMPT_LIMIT = 200.0  # seconds from start to the shell prompt, on this project's nested-PVM machines
+# Seconds from start to the shell prompt on this project's nested-PVM machines. The first
+# measurement gave 151 s; on 2026-11-30 the same machines ran the unchanged code of that day to its
+# prompt at 208 s and this code at 194-232 s (runs side by side): they vary by a fifth from day to day.
+SHELL_PROMPT_LIMIT = 240.0
 
 
 def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox_initrd: Path,
@@ -45,9 +55,16 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
         ms.wait("init output", INIT_MARKER, 60)
         t_prompt = ms.wait("shell prompt", re.compile(rb"\n[^\n]*[#$] "), 60)  # ash may follow it with ESC[6n
 
+        os.write(master, b"\x01s")  # Ctrl-A s: kvmkit's statistics, so far the boot's console output only
+        boot_stats = ms.wait("stats", re.compile(rb"COM1: \d+ bytes out in \d+ host writes \(([\d.]+) writes per KiB\)"), 60)
+        writes_per_kib = float(re.findall(r"COM1: \d+ bytes out in \d+ host writes \(([\d.]+) writes per KiB\)", ms.text)[-1])
+        record_property("COM1 host writes per KiB (boot)", writes_per_kib)
         uname = ms.run("uname -r", 60, "uname -r")
         interrupts = ms.run("cat /proc/interrupts", 60, "/proc/interrupts")
         echo = ms.run("echo kvmkit-$((6 * 7))", 60, "echo")
+        spurious_boot = ms.run("cat /proc/irq/4/spurious", 60, "spurious after boot")
+        ms.run("head -c 1048576 /dev/zero | tr '\\0' x > /dev/ttyS0", 600, "1 MiB through ttyS0")
+        spurious_mib = ms.run("cat /proc/irq/4/spurious; grep '^ *4:' /proc/interrupts", 60, "spurious after 1 MiB")
         os.write(master, b"poweroff -f\r")
         status = proc.wait(120)
         ms.wait("poweroff", re.compile(rb"$"), 1)
@@ -56,6 +73,8 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
         print(stderr, file=sys.stderr)
 
     text = ms.text
+    print(f"COM1 host writes per KiB of boot console: {writes_per_kib}\n"
+          f"/proc/irq/4/spurious after boot:\n{spurious_boot}\nafter 1 MiB:\n{spurious_mib}", file=sys.stderr)
     assert re.fullmatch(r"6\.1\.0-\d+-amd64", uname.strip()), uname
     assert re.search(r"^\s*4:\s+[1-9]\d*\s+.*ttyS0", interrupts, re.M), interrupts
     assert echo.strip() == "kvmkit-42", echo
@@ -64,3 +83,10 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
     assert "too much work for irq" not in text
     assert "Kernel panic" not in text
     assert t_prompt <= SHELL_PROMPT_LIMIT, f"shell prompt after {t_prompt:.0f} s"
+    assert boot_stats and writes_per_kib <= 64, f"{writes_per_kib} host writes per KiB of boot console"
+    count, unhandled = (int(re.search(rf"^{k} (\d+)", spurious_mib, re.M).group(1)) for k in ("count", "unhandled"))
+    irqs = int(re.search(r"^\s*4:\s+(\d+)", spurious_mib, re.M).group(1))
+    record_property("IRQ 4 unhandled / interrupts after 1 MiB", f"{unhandled} / {irqs}")
+    assert irqs > 1000, spurious_mib                     # the MiB went out interrupt-driven
+    # count and unhandled are Linux's note_interrupt() window (reset every 100000 interrupts)
+    assert unhandled < max(count, 1) / 100, spurious_mib
