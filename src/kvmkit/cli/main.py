@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING, BinaryIO
@@ -51,6 +52,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quirks", choices=["auto", "nested-pvm", "none"], default="auto",
                    help="host quirk profile (docs/quirks.md); auto picks nested-pvm on a PVM host, none elsewhere")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
+    p.add_argument("--name", help="the VM's name for kvmkit list/pause/resume/stop/stats/snapshot "
+                   "(default: an unused vm-XXXX); its control socket is $XDG_RUNTIME_DIR/kvmkit/NAME.sock")
     p.add_argument("script", nargs=argparse.REMAINDER, help="bundled guest: commands to run")
 
 
@@ -76,12 +79,17 @@ def _check_writable(path: str, what: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ..host.control import validate_name
+    from ..machine.control import ControlServer
     from ..machine.machine import Machine
 
     config = run_config(args)
     if args.stats_json:
         _check_writable(args.stats_json, "statistics (--stats-json)")
+    if getattr(args, "name", None) is not None:
+        validate_name(args.name)
     machine = Machine(config)  # KVM problems first: they are the most basic
+    control = ControlServer(machine, getattr(args, "name", None))
     try:
         machine.load()
         if args.kernel and not args.initrd and not args.disk:
@@ -92,8 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             name = getattr(port.backend, "slave_name", "")
             if name:
                 print(f"kvmkit: {port.name} is on {name}", file=sys.stderr)
+        control.start()
+        if args.verbose:
+            print(f"kvmkit: control socket {control.path}", file=sys.stderr)
         status = machine.run()
     finally:
+        control.close()  # the socket goes on every way out; a stale one would only be replaced later
         stats_text = machine.stats_table() if (args.stats or machine.status not in (0, None)) else ""
         stats_data = [s.as_dict() for s in machine.exit_stats()] if args.stats_json else None
         kstats = machine.in_kernel_stats() if args.stats_json else None
@@ -182,6 +194,42 @@ def cmd_trace(args: argparse.Namespace, rest: list[str]) -> int:
     return status
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..host.control import running
+    from ..machine.control import format_vm_table
+    infos = running()
+    print(json.dumps(infos, indent=2) if args.json else format_vm_table(infos))
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """pause, resume, stop: one command to the named VM; stop waits (a while) for it to be gone."""
+    from ..host.control import call, control_dir, socket_path
+    call(args.name, args.command, timeout=20.0)
+    if args.command == "stop":
+        path = socket_path(control_dir(), args.name)
+        deadline = time.monotonic() + 15
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ..host.control import call
+    from ..machine.control import format_stats
+    stats = call(args.name, "stats")["stats"]
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from ..host.control import call
+    out = os.path.abspath(args.output)  # the VM's working directory is not ours
+    call(args.name, "snapshot", timeout=600.0, dir=out)
+    print(f"kvmkit: snapshot of {args.name} written to {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmkit", description="A small KVM virtual machine monitor for reading, scripting and measuring your VM.")
     p.add_argument("--version", action="version", version=f"kvmkit {__version__}")
@@ -210,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--busybox", help="static busybox binary (default: the host's)")
     tr = sub.add_parser("trace", help="record KVM tracepoints for a VM, or report on a trace", add_help=False)
     tr.add_argument("trace_cmd", choices=["record", "report"])
+    ls = sub.add_parser("list", help="the running VMs (name, pid, state, vCPUs, memory, uptime)")
+    ls.add_argument("--json", action="store_true")
+    for verb, text in (("pause", "pause a running VM's vCPUs"), ("resume", "resume a paused VM"),
+                       ("stop", "stop a VM (host side: the console is flushed, kvmkit exits 0)")):
+        sub.add_parser(verb, help=text).add_argument("name")
+    st = sub.add_parser("stats", help="a running VM's exit statistics")
+    st.add_argument("name")
+    st.add_argument("--json", action="store_true")
+    sn = sub.add_parser("snapshot", help="save a running VM's state to a directory")
+    sn.add_argument("name")
+    sn.add_argument("-o", "--output", required=True, metavar="DIR", help="the snapshot directory")
     return p
 
 
@@ -233,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_initramfs(args)
         if args.command == "rootfs":
             return cmd_rootfs(args)
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command in ("pause", "resume", "stop"):
+            return cmd_control(args)
+        if args.command == "stats":
+            return cmd_stats(args)
+        if args.command == "snapshot":
+            return cmd_snapshot(args)
         parser.print_help()
         return 2
     except KvmkitError as e:
