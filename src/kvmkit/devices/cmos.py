@@ -17,8 +17,13 @@ raised (nothing in a console boot enables it).
 from __future__ import annotations
 
 import calendar
+import math
 import time
+from collections.abc import Mapping
+from fractions import Fraction
 from typing import Callable
+
+from kvmkit.devices.state import StateReader
 
 CMOS_INDEX = 0x70
 CMOS_DATA = 0x71
@@ -68,6 +73,15 @@ def _representable(t: float) -> int:
     return int(_clamp(t))
 
 
+_NS = 10**9
+_NS_LIMIT = 1 << 100  # |offset| and the frozen time, in ns: far past any RTC date, still a finite float
+
+
+def _to_ns(t: float) -> int:
+    """Seconds as whole nanoseconds, exactly rounded: a snapshot holds no floats."""
+    return round(Fraction(t) * _NS) if math.isfinite(t) else 0
+
+
 def to_bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
@@ -113,6 +127,41 @@ class Cmos:
         self.offset = 0.0  # guest-set time minus the injected clock, seconds
         self._frozen: float | None = None  # the time while SET is on
         self._last_c_read = _clamp(self.clock())
+
+    # -- snapshot ----------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """The index port, the 128 bytes, and the time as the guest set it.
+
+        The time registers are computed from the injected clock, so what is
+        saved is what the guest changed: ``offset_ns`` (its time minus the
+        clock's) or, while SET holds the clock, ``frozen_ns`` (the time it
+        stands at). ``last_c_read_ns`` is the clock at the last REG_C read,
+        against which the update, alarm and periodic flags are computed. The
+        clock itself is the host's and is not saved: after a restore the RTC
+        runs on with the new host's time plus the guest's offset.
+        """
+        return {"index": self.index, "nmi_disabled": self.nmi_disabled, "ram": bytes(self.ram).hex(),
+                "offset_ns": _to_ns(self.offset),
+                "frozen_ns": None if self._frozen is None else _to_ns(self._frozen),
+                "last_c_read_ns": _to_ns(self._last_c_read)}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the RTC :meth:`save_state` described; StateError (and no change) if it is damaged."""
+        r = StateReader(state, "the CMOS RTC", ("index", "nmi_disabled", "ram", "offset_ns", "frozen_ns",
+                                                "last_c_read_ns"))
+        index = r.take_int("index", 0, 0x7F)
+        nmi_disabled = r.take_bool("nmi_disabled")
+        ram = r.take_hex_bytes("ram", NVRAM_SIZE, min_len=NVRAM_SIZE)
+        offset = r.take_int("offset_ns", -_NS_LIMIT, _NS_LIMIT) / _NS
+        frozen_ns = r.take_optional_int("frozen_ns", -_NS_LIMIT, _NS_LIMIT)
+        last_c_read = r.take_int("last_c_read_ns", 0, MAX_RTC_TIME * _NS) / _NS
+        r.require(not ram[REG_A] & REG_A_UIP, "ram", "UIP in register A is read-only")
+        r.require(bool(ram[REG_B] & REG_B_SET) == (frozen_ns is not None), "frozen_ns",
+                  "the clock stands still exactly while register B's SET bit is on")
+        r.require(not (ram[REG_B] & REG_B_SET and ram[REG_B] & REG_B_UIE), "ram", "SET clears UIE in register B")
+        self.index, self.nmi_disabled, self.ram[:] = index, nmi_disabled, ram
+        self.offset, self._last_c_read = offset, last_c_read
+        self._frozen = None if frozen_ns is None else frozen_ns / _NS
 
     # -- the bus interface ---------------------------------------------------------
     def io_read(self, offset: int, size: int) -> int:

@@ -6,7 +6,10 @@ else; the machine decides what "reset" or "exit" means for the VM.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
+
+from kvmkit.devices.state import StateReader
 
 # The kvmkit exit port: a byte written here ends the VM with that status
 # (like QEMU's isa-debug-exit, without its (v << 1) | 1 encoding).
@@ -25,6 +28,13 @@ class ExitPort:
     def io_write(self, offset: int, size: int, value: int) -> None:
         if offset == 0:
             self.on_exit(value & 0xFF)
+
+    def save_state(self) -> dict[str, object]:
+        """Nothing: a write acts at once and leaves nothing behind."""
+        return {}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        StateReader(state, "the exit port", ())
 
 
 # i8042 keyboard controller: data port 0x60, status/command port 0x64.
@@ -74,6 +84,22 @@ class I8042:
             if not value & 1:  # bit 0 low = assert CPU reset
                 self.on_reset()
 
+    def save_state(self) -> dict[str, object]:
+        """The output port, a command waiting for its data byte, and the output buffer (one byte deep)."""
+        return {"output_port": self.output_port, "pending_command": self._pending_cmd, "output_buffer": list(self._out)}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the controller :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        Restoring an output port with the reset line low does not reset: the
+        reset happened when it was written, before the snapshot.
+        """
+        r = StateReader(state, "the i8042 controller", ("output_port", "pending_command", "output_buffer"))
+        output_port = r.take_int("output_port", 0, 0xFF)
+        pending = r.take_optional_int("pending_command", I8042_CMD_WRITE_OUTPUT, I8042_CMD_WRITE_OUTPUT)
+        out = r.take_int_list("output_buffer", 0, 0xFF, 1)
+        self.output_port, self._pending_cmd, self._out = output_port, pending, list(out)
+
 
 class PortSink:
     """Ports such as 0x80 (POST codes, used by guests as an I/O delay): remember the last value."""
@@ -88,3 +114,11 @@ class PortSink:
     def io_write(self, offset: int, size: int, value: int) -> None:
         self.last = value
         self.writes += 1
+
+    def save_state(self) -> dict[str, object]:
+        """The last value, which reads return; not the write count, a statistic."""
+        return {"last": self.last}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        r = StateReader(state, "the POST code port", ("last",))
+        self.last = r.take_int("last", 0, (1 << 64) - 1)

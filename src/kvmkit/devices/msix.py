@@ -55,12 +55,15 @@ takes them in the other order.
 
 from __future__ import annotations
 
+import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from kvmkit.devices.base import BusDevice
 from kvmkit.devices.pci import PciFunction
+from kvmkit.devices.state import StateReader
 
 __all__ = ["Msix", "MsixHost", "MsixEntry", "PCI_CAP_ID_MSIX", "MSIX_ENTRY_SIZE", "MAX_VECTORS"]
 
@@ -85,6 +88,7 @@ ENTRY_ADDR_HI = 0x4
 ENTRY_DATA = 0x8
 ENTRY_VECTOR_CTRL = 0xC
 VECTOR_CTRL_MASK = 1 << 0
+_ENTRY = struct.Struct("<IIII")  # Message Address, Message Upper Address, Message Data, Vector Control
 
 
 class MsixHost(Protocol):
@@ -244,6 +248,46 @@ class Msix:
         self._check_vector(vector)
         with self._lock:
             return bool(self._pending >> vector & 1)
+
+    # --- snapshot -----------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The vector table and the PBA as the guest reads them, MSI-X Enable and Function Mask.
+
+        Enable and Function Mask are also in the function's configuration
+        bytes, which :meth:`PciFunction.save_state` saves; both copies are
+        kept so that each model loads on its own.
+        """
+        with self._lock:
+            table = b"".join(_ENTRY.pack(self._addr_lo[v], self._addr_hi[v], self._data[v], self._ctrl[v])
+                             for v in range(self.vectors))
+            return {"table": table.hex(), "pba": self._pending.to_bytes(self.pba_size, "little").hex(),
+                    "enabled": self._enabled, "function_masked": self._function_masked}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the capability :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        No route is reported and nothing is delivered: the machine re-reads
+        every vector's :meth:`entry` to rebuild its routes. A pending bit of
+        a vector that is open (enabled, unmasked) is refused, since the
+        model would have delivered it.
+        """
+        r = StateReader(state, f"the MSI-X capability ({self.vectors} vectors)",
+                        ("table", "pba", "enabled", "function_masked"))
+        table = r.take_hex_bytes("table", self.table_size, min_len=self.table_size)
+        pending = int.from_bytes(r.take_hex_bytes("pba", self.pba_size, min_len=self.pba_size), "little")
+        enabled, function_masked = r.take_bool("enabled"), r.take_bool("function_masked")
+        entries = list(_ENTRY.iter_unpack(table))
+        r.require(all(not lo & 0x3 and not ctrl & ~VECTOR_CTRL_MASK for lo, _, _, ctrl in entries), "table",
+                  "an entry sets a reserved bit of Message Address or Vector Control")
+        r.require(pending >> self.vectors == 0, "pba", "a pending bit is set past the last vector")
+        masked = [not enabled or function_masked or bool(ctrl & VECTOR_CTRL_MASK) for *_, ctrl in entries]
+        r.require(all(m for v, m in enumerate(masked) if pending >> v & 1), "pba",
+                  "an unmasked vector of an enabled function cannot stay pending")
+        with self._lock:
+            self._addr_lo, self._addr_hi, self._data, self._ctrl = (list(f) for f in zip(*entries))
+            self._pending, self._enabled, self._function_masked = pending, enabled, function_masked
+            self._reported = [MsixEntry(hi << 32 | lo, data, m) for (lo, hi, data, _), m in zip(entries, masked)]
 
     # --- device side --------------------------------------------------------
 

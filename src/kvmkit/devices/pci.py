@@ -91,10 +91,12 @@ lock order is bus, then function, then any capability's own lock (see
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 from kvmkit.devices.base import BusDevice, IrqCallback, no_irq
+from kvmkit.devices.state import StateReader
 
 __all__ = [
     "PciFunction", "PciHostBridge", "PciBus", "PciBar", "PciConfigStats",
@@ -461,6 +463,59 @@ class PciFunction:
         with self._lock:
             return bytes(self._cfg)
 
+    # --- snapshot -----------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The 256 configuration bytes (BARs, COMMAND, STATUS, capability bodies) and the INTx# state.
+
+        ``intx_level`` is the device's interrupt condition, ``intx_inhibit``
+        MSI-X's gate, ``intx`` the output as last reported. Where BARs
+        decode is not saved: it follows from the bytes.
+        """
+        with self._lock:
+            return {"config": bytes(self._cfg).hex(), "intx_level": self._intx_level,
+                    "intx_inhibit": self._intx_inhibit, "intx": self._intx_out}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the function :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        Read-only bytes must match this function's: a snapshot of another
+        device (other IDs, BARs or capability list) is refused. Nothing is
+        called: the machine re-maps BARs from :meth:`bar_address` and sets
+        the line from :attr:`intx_asserted`; capability hooks do not run
+        (MSI-X loads its own state).
+        """
+        r = StateReader(state, f"PCI function {self.vendor_id:04x}:{self.device_id:04x}",
+                        ("config", "intx_level", "intx_inhibit", "intx"))
+        cfg = r.take_hex_bytes("config", CONFIG_SPACE_SIZE, min_len=CONFIG_SPACE_SIZE)
+        level, inhibit, out = r.take_bool("intx_level"), r.take_bool("intx_inhibit"), r.take_bool("intx")
+        with self._lock:
+            free = self._restorable()
+            bad = [i for i in range(CONFIG_SPACE_SIZE) if (cfg[i] ^ self._cfg[i]) & ~free[i]]
+            r.require(not bad, "config", f"read-only byte {bad[0] if bad else 0:#x} differs, so it is another device")
+            status = int.from_bytes(cfg[PCI_STATUS:PCI_STATUS + 2], "little")
+            r.require(bool(status & PCI_STATUS_INTERRUPT) == level, "intx_level",
+                      "STATUS.Interrupt Status follows the interrupt condition")
+            r.require(out == self._intx_output(cfg, level, inhibit), "intx", "it is not the level the bytes give")
+            self._cfg[:] = cfg
+            self._intx_level, self._intx_inhibit, self._intx_out = level, inhibit, out
+            for index, bar in self._bars.items():
+                self._decoded[index] = self._decode(bar)
+
+    def _restorable(self) -> bytearray:
+        """Per byte, the bits a snapshot may hold differently from this function now.
+
+        The guest-writable and write-one-to-clear bits, Interrupt Status, and
+        whole capability bodies (the device may rewrite even their read-only
+        bytes, :meth:`set_capability_body`); a live capability's image is fixed.
+        """
+        free = bytearray(w | c for w, c in zip(self._wmask, self._w1c))
+        free[PCI_STATUS] |= PCI_STATUS_INTERRUPT
+        for cap in self._caps:
+            if cap.handler is None:
+                free[cap.body_start:cap.end] = b"\xff" * (cap.end - cap.body_start)
+        return free
+
     # --- device side --------------------------------------------------------
 
     def set_intx(self, level: bool) -> None:
@@ -622,9 +677,13 @@ class PciFunction:
                 if self.on_bar_change is not None:
                     self.on_bar_change(index, old, new)
 
+    @staticmethod
+    def _intx_output(cfg: bytes | bytearray, level: bool, inhibit: bool) -> bool:
+        command = int.from_bytes(cfg[PCI_COMMAND:PCI_COMMAND + 2], "little")
+        return level and not inhibit and cfg[PCI_INTERRUPT_PIN] != 0 and not command & PCI_COMMAND_INTX_DISABLE
+
     def _refresh_intx(self) -> None:
-        out = (self._intx_level and not self._intx_inhibit and self._cfg[PCI_INTERRUPT_PIN] != 0
-               and not self._get(PCI_COMMAND, 2) & PCI_COMMAND_INTX_DISABLE)
+        out = self._intx_output(self._cfg, self._intx_level, self._intx_inhibit)
         if out != self._intx_out:
             self._intx_out = out
             self.irq(out)
@@ -712,6 +771,18 @@ class PciBus:
     @property
     def config_address(self) -> int:
         return self._config_address
+
+    def save_state(self) -> dict[str, object]:
+        """CONFIG_ADDRESS: the functions on the bus save their own state, and the statistics are not saved."""
+        with self._lock:
+            return {"config_address": self._config_address}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        r = StateReader(state, "the PCI bus", ("config_address",))
+        address = r.take_int("config_address", 0, 0xFFFF_FFFF)
+        r.require(not address & ~CONFIG_ADDRESS_VALID, "config_address", "its reserved bits read as zero")
+        with self._lock:
+            self._config_address = address
 
     def config_read(self, bus: int, slot: int, function: int, offset: int, size: int) -> int:
         """A configuration read cycle by bus/device/function (what an ECAM window would use too)."""

@@ -22,7 +22,10 @@ are made with the lock held, so they must not call back into the model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Protocol
+
+from kvmkit.devices.state import StateReader
 
 # --- register map (offsets in the per-vCPU 4 KiB window) --------------------
 REG_ID = 0x00           # RO u32: PVCE_MAGIC
@@ -82,6 +85,17 @@ MAX_GSI = 23            # IOAPIC pins; GSI 0 (the PIT) and 2 (the cascade) are r
 _FENCE = threading.Lock()
 
 _REGS64 = (REG_DEADLINE, REG_SYNC, REG_SYNC_END, REG_SHARED_GPA)  # writable 64-bit registers
+_LATCHED = {"deadline": REG_DEADLINE, "sync": REG_SYNC, "sync_end": REG_SYNC_END, "shared_gpa": REG_SHARED_GPA}
+_STATE_KEYS = ("features", "tsc_khz", "control", "deadline", "status", "count", "delta", "sync_error", "shared_gpa",
+               "sync_start", "latch", "armed", "target_deadline", "fired_shared", "route")
+
+
+def _route_ok(route: list[object]) -> bool:
+    """A route a CONTROL write can set: ("msi", vector 32-255) or ("gsi", 1-23 but not 2)."""
+    kind, n = route
+    if type(n) is not int:
+        return False
+    return (kind == "msi" and MIN_VECTOR <= n <= 0xFF) or (kind == "gsi" and 0 < n <= MAX_GSI and n != 2)
 
 
 class PvClockEventHost(Protocol):
@@ -220,6 +234,80 @@ class PvClockEvent:
     def armed_host_ns(self) -> int | None:
         return self._target
 
+    @property
+    def armed_deadline(self) -> int | None:
+        """The guest-clock deadline the host timer is armed for (None: not armed); host time is this + delta."""
+        return self._guest_target if self._target is not None else None
+
+    # --- snapshot ---------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """Registers, half-written 64-bit registers, the handshake, the armed deadline and the route.
+
+        Host time appears only in ``delta`` (host ns - guest ns) and in the
+        host stamp of a SYNC awaiting its SYNC_END: the armed timer is saved
+        as its guest deadline, so a restore under another host clock has
+        only those two to rebase. Not saved: the statistics (arms, fires,
+        doorbells, rearms_later), the host and guest RAM (the shared block's
+        contents are guest RAM, which the snapshot holds anyway).
+        """
+        with self.lock:
+            latch = {name: self._latch.get(reg) for name, reg in _LATCHED.items()}
+            return {
+                "features": self.features, "tsc_khz": self.tsc_khz, "control": self.control,
+                "deadline": self.deadline, "status": self.status, "count": self.count, "delta": self.delta,
+                "sync_error": self.sync_error, "shared_gpa": self.shared_gpa,
+                "sync_start": None if self._sync_start is None else list(self._sync_start),
+                "latch": latch, "armed": self._target is not None, "target_deadline": self._guest_target,
+                "fired_shared": self._fired_shared,
+                "route": None if self._route is None else list(self._route),
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the device :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        The host hears nothing: the machine then routes :attr:`route`, arms
+        its timer at :attr:`armed_host_ns` (if not None), and the shared
+        block is found again at :attr:`shared_gpa` (no RAM is read here).
+        """
+        r = StateReader(state, "the PV clock event device", _STATE_KEYS)
+        r.require(r.take_int("features", 0, U64) == self.features, "features",
+                  "it was saved from a device with other features (shared block, in-kernel doorbell)")
+        tsc_khz = r.take_int("tsc_khz", 0, 0xFFFF_FFFF)
+        control = r.take_int("control", 0, CTRL_VALID)
+        deadline, sync_error, guest_target, fired_shared = (r.take_int(k, 0, U64) for k in (
+            "deadline", "sync_error", "target_deadline", "fired_shared"))
+        status = r.take_int("status", 0, STS_W1C)
+        count = r.take_int("count", 0, 0xFFFF_FFFF)
+        delta = r.take_int("delta", -U64, U64)
+        shared_gpa = r.take_int("shared_gpa", 0, U64)
+        r.require(control & ~CTRL_VALID == 0, "control", "it has bits outside the register")
+        r.require(not shared_gpa or self._shared_ok(shared_gpa), "shared_gpa",
+                  "it is not a 64-byte aligned block of guest RAM")
+        sync = r.take_list("sync_start", 2, min_len=2) if r.state["sync_start"] is not None else None
+        r.require(sync is None or all(type(v) is int and 0 <= v <= U64 for v in sync), "sync_start",
+                  "it is not a guest time and a host time")
+        lr = r.take_state("latch", _LATCHED)
+        latch = {reg: lr.take_optional_int(name, 0, 0xFFFF_FFFF) for name, reg in _LATCHED.items()}
+        route = r.take_list("route", 2, min_len=2) if r.state["route"] is not None else None
+        r.require(route is None or _route_ok(route), "route", "it is not an MSI vector 32-255 or a GSI 1-23 other than 2")
+        armed = r.take_bool("armed")
+        if control & CTRL_ENABLE:
+            gsi, vector = (control & CTRL_GSI_MASK) >> CTRL_GSI_SHIFT, (control & CTRL_VECTOR_MASK) >> CTRL_VECTOR_SHIFT
+            r.require(route == (["gsi", gsi] if control & CTRL_ROUTE_GSI else ["msi", vector]), "route",
+                      "an enabled device is routed as CONTROL says")
+            r.require(not control & CTRL_SHARED or bool(shared_gpa and not control & CTRL_RELATIVE), "control",
+                      "shared-block mode needs a block and absolute deadlines")
+        r.require(not armed or bool(control & CTRL_ENABLE and guest_target < NEVER and guest_target + delta >= 0),
+                  "armed", "only an enabled device with a deadline is armed")
+        with self.lock:
+            self.tsc_khz, self.control, self.deadline, self.status, self.count = tsc_khz, control, deadline, status, count
+            self.delta, self.sync_error, self._guest_target, self._fired_shared = delta, sync_error, guest_target, fired_shared
+            self._sync_start = None if sync is None else (sync[0], sync[1])
+            self._latch = {reg: v for reg, v in latch.items() if v is not None}
+            self._route = None if route is None else (route[0], route[1])
+            self._target = guest_target + delta if armed else None
+            self._set_shared_gpa(shared_gpa)
+
     # --- registers --------------------------------------------------------------
     def _read64(self, base: int) -> int:
         if base == REG_ID:
@@ -260,15 +348,18 @@ class PvClockEvent:
             if value and not self._shared_ok(value):
                 self.status |= STS_ERROR
                 return
-            self.shared_gpa = value
-            self._shm_q = self._shm_i = None
-            view = getattr(self.mem, "view", None)
-            if value and view is not None:
-                try:  # zero-copy: the host loop reads the block on every event
-                    raw = view(value, SHM_SIZE)
-                    self._shm_q, self._shm_i = raw.cast("Q"), raw.cast("I")
-                except Exception:
-                    self._shm_q = self._shm_i = None
+            self._set_shared_gpa(value)
+
+    def _set_shared_gpa(self, value: int) -> None:
+        self.shared_gpa = value
+        self._shm_q = self._shm_i = None
+        view = getattr(self.mem, "view", None)
+        if value and view is not None:
+            try:  # zero-copy: the host loop reads the block on every event
+                raw = view(value, SHM_SIZE)
+                self._shm_q, self._shm_i = raw.cast("Q"), raw.cast("I")
+            except Exception:
+                self._shm_q = self._shm_i = None
 
     def _shared_ok(self, gpa: int) -> bool:
         return (self.mem is not None and gpa % SHM_ALIGN == 0 and gpa + SHM_SIZE <= U64

@@ -35,8 +35,11 @@ to CTS, DSR and DCD asserted (a connected, ready terminal), i.e. MSR=0xB0.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
+
+from kvmkit.devices.state import StateReader
 
 __all__ = ["Uart16550", "UartHost", "UartStats", "FIFO_SIZE", "CLOCK_HZ", "RESET_DIVISOR", "REGISTER_SPAN"]
 
@@ -108,6 +111,14 @@ MSR_DELTAS = 0x0F
 
 # An RX FIFO entry is the byte plus its LSR error bits shifted up by 8.
 _ERR_SHIFT = 8
+
+_STATE_KEYS = ("fifo", "rbr", "ier", "fcr", "lcr", "mcr", "lsr_errors", "msr", "scr", "dll", "dlm", "rx_fifo",
+               "rx_fifo_errors", "tx_fifo", "thre_pending", "cti_pending", "rx_blocked", "cts", "dsr", "ri", "dcd",
+               "irq_level")
+# What load_state copies from its checked scratch UART: everything but the host, stats and has_fifo.
+_STATE_ATTRS = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "_fcr", "_rx", "_tx", "_rx_errors", "_lsr_err", "_rbr",
+                "_thre_pending", "_cti_pending", "_rx_blocked", "_msr", "_ext_cts", "_ext_dsr", "_ext_ri", "_ext_dcd",
+                "_level")
 
 
 class UartHost(Protocol):
@@ -600,6 +611,68 @@ class Uart16550:
         if self.rx_space() > 0:
             self._rx_blocked = False
             self.host.rx_space()
+
+    # --------------------------------------------------------------- snapshot
+
+    def save_state(self) -> dict[str, object]:
+        """Registers, both FIFOs (RX with each byte's PE/FE/BI bits), latches and the modem lines.
+
+        Not saved: :attr:`stats` (they describe this run) and the host. After
+        :meth:`load_state` the machine re-syncs what the host derives from
+        the model: the line from :attr:`irq_level`, a drain if
+        :meth:`tx_pending`, the CTI timer if :attr:`cti_armed`, and input if
+        :meth:`rx_space` (the model told the old host, never the new one).
+        """
+        return {
+            "fifo": self.has_fifo, "rbr": self._rbr, "ier": self.ier, "fcr": self._fcr, "lcr": self.lcr,
+            "mcr": self.mcr, "lsr_errors": self._lsr_err, "msr": self._msr, "scr": self.scr,
+            "dll": self.dll, "dlm": self.dlm,
+            "rx_fifo": bytes(e & 0xFF for e in self._rx).hex(),
+            "rx_fifo_errors": [e >> _ERR_SHIFT for e in self._rx],
+            "tx_fifo": bytes(self._tx).hex(),
+            "thre_pending": self._thre_pending, "cti_pending": self._cti_pending, "rx_blocked": self._rx_blocked,
+            "cts": self._ext_cts, "dsr": self._ext_dsr, "ri": self._ext_ri, "dcd": self._ext_dcd,
+            "irq_level": self._level,
+        }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the UART :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        The fields are put into a scratch UART first, so that its own
+        interrupt and modem logic checks them (an IIR source, MSR lines and
+        an interrupt level that the registers imply); the host hears nothing.
+        """
+        r = StateReader(state, "the 16550A UART", _STATE_KEYS)
+        r.require(r.take_bool("fifo") == self.has_fifo, "fifo",
+                  f"it was saved from a UART {'without' if self.has_fifo else 'with'} FIFOs")
+        u = Uart16550(fifo=self.has_fifo)
+        u._rbr, u.lcr, u.scr, u.dll, u.dlm, u._msr = (r.take_int(k, 0, 0xFF)
+                                                      for k in ("rbr", "lcr", "scr", "dll", "dlm", "msr"))
+        u.ier = r.take_int("ier", 0, 0x0F)
+        u.mcr = r.take_int("mcr", 0, 0x1F)
+        u._fcr = r.take_int("fcr", 0, 0xFF)
+        r.require(u._fcr & ~(FCR_ENABLE | FCR_DMA_MODE | 0xC0) == 0 and (u._fcr == 0 or u._fcr & FCR_ENABLE)
+                  and (self.has_fifo or u._fcr == 0), "fcr", f"{u._fcr:#x} is not an FCR this UART can hold")
+        u._lsr_err = r.take_int("lsr_errors", 0, LSR_OE | LSR_BYTE_ERRORS)
+        r.require(not u._lsr_err & ~(LSR_OE | LSR_BYTE_ERRORS), "lsr_errors", "it has bits other than OE, PE, FE and BI")
+        rx = r.take_hex_bytes("rx_fifo", u._capacity())
+        errors = r.take_int_list("rx_fifo_errors", 0, LSR_BYTE_ERRORS, u._capacity())
+        r.require(len(errors) == len(rx) and all(not e & ~LSR_BYTE_ERRORS for e in errors), "rx_fifo_errors",
+                  "it needs one PE/FE/BI value per received byte")
+        u._rx.extend(b | e << _ERR_SHIFT for b, e in zip(rx, errors))
+        u._rx_errors = sum(1 for e in errors if e)
+        u._tx.extend(r.take_hex_bytes("tx_fifo", u._capacity()))
+        u._thre_pending, u._cti_pending, u._rx_blocked, u._ext_cts, u._ext_dsr, u._ext_ri, u._ext_dcd = (
+            r.take_bool(k) for k in ("thre_pending", "cti_pending", "rx_blocked", "cts", "dsr", "ri", "dcd"))
+        u._level = r.take_bool("irq_level")
+        r.require(u._msr & 0xF0 == u._effective_lines(), "msr", "its line bits disagree with MCR and the modem lines")
+        r.require(not (u._thre_pending and u._tx), "thre_pending", "THR cannot be empty with bytes in the TX FIFO")
+        r.require(not u._cti_pending or bool(u._fcr & FCR_ENABLE and u._rx), "cti_pending",
+                  "a character timeout needs FIFO mode and received data")
+        r.require(u._level == (u._interrupt_id() != IIR_NONE and bool(u.mcr & MCR_OUT2)), "irq_level",
+                  "it is not the level the registers give")
+        for name in _STATE_ATTRS:
+            setattr(self, name, getattr(u, name))
 
     # -------------------------------------------------------------- helpers
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ...errors import KvmkitError
+from ..state import StateReader
 from . import VIRTIO_ID_BLOCK
 from .device import VirtioDeviceBase
 from .queue import Chain, gather, scatter, slice_bufs
@@ -161,6 +162,27 @@ class VirtioBlk(VirtioDeviceBase):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
             1)                                        # write_zeroes_may_unmap
+
+    # --- snapshot (VirtioDeviceBase.save_state: taken under the lock) ----------------------
+    _state_name = "the virtio disk"
+
+    def _save_state(self) -> dict[str, object]:
+        """What the guest learnt of the disk, so that a restore onto another disk is refused.
+
+        A request is served to the end under the device lock, so none is in
+        flight here. The disk's contents are the backend's, not saved.
+        """
+        return {"capacity": self.capacity, "block_size": self.block_size, "read_only": self.read_only,
+                "serial": self.serial.hex()}
+
+    def _check_state(self, state: object) -> Callable[[], None]:
+        r = StateReader(state, self._state_name, ("capacity", "block_size", "read_only", "serial"))
+        for key, saved, have in (("capacity", r.take_int("capacity", 0, (1 << 64) - 1), self.capacity),
+                                 ("block_size", r.take_int("block_size", 0, 1 << 32), self.block_size),
+                                 ("read_only", r.take_bool("read_only"), self.read_only),
+                                 ("serial", r.take_hex_bytes("serial", VIRTIO_BLK_ID_BYTES), self.serial)):
+            r.require(saved == have, key, f"the guest knows {saved!r} and this disk has {have!r}")
+        return lambda: None
 
     # --- queue service (device lock held) -----------------------------------------------
     def _notify(self, index: int) -> None:

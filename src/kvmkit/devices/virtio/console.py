@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import collections
 import struct
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
+from ..state import StateError, StateReader
 from . import VIRTIO_ID_CONSOLE
 from .device import VirtioDeviceBase
 from .queue import Chain, scatter
@@ -96,6 +97,35 @@ class VirtioConsole(VirtioDeviceBase):
             events = self.events if self.active and self.has(VIRTIO_CONSOLE_F_SIZE) else None
             if events is not None:
                 events.config_changed()
+
+    # --- snapshot (VirtioDeviceBase.save_state: taken under the lock) ----------------------
+    _state_name = "the virtio console"
+
+    def _save_state(self) -> dict[str, object]:
+        """The size the guest was told, and whether the host is owed an ``rx_ready`` at the next RX kick.
+
+        Guest output the host has not taken yet (it was full) is a request
+        in flight that outlives a kick, held as views of guest RAM: it is
+        not saved and raises StateError. Dropping it instead would lose
+        those bytes and never return their buffers, which the guest's
+        driver waits for; the machine saves once the host end has taken it
+        (``tx_resume``). Blocked output always has such bytes pending.
+        """
+        if self._tx_pending:
+            raise StateError("The virtio console has guest output the host end has not taken yet; "
+                             "save again once it has drained.")
+        return {"cols": self.cols & 0xFFFF, "rows": self.rows & 0xFFFF, "rx_waiting": self._rx_waiting}
+
+    def _check_state(self, state: object) -> Callable[[], None]:
+        r = StateReader(state, self._state_name, ("cols", "rows", "rx_waiting"))
+        cols, rows = r.take_int("cols", 0, 0xFFFF), r.take_int("rows", 0, 0xFFFF)
+        rx_waiting = r.take_bool("rx_waiting")
+
+        def load() -> None:
+            self.cols, self.rows, self._rx_waiting = cols, rows, rx_waiting
+            self._tx_pending.clear()
+            self._tx_blocked = False
+        return load
 
     # --- kicks ---------------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:

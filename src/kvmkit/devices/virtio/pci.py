@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -82,6 +83,7 @@ from . import (
     VIRTIO_ID_RNG,
     VIRTIO_MSI_NO_VECTOR,
 )
+from ..state import StateReader
 from .device import VirtioDevice
 from .queue import GuestRam, Virtqueue
 
@@ -141,6 +143,9 @@ _CLASS_CODES = {
 _TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC)
 _DRIVER_STATUS_BITS = ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK | FAILED
 _M32 = 0xFFFF_FFFF
+_STATE_KEYS = ("device_status", "device_feature_select", "driver_feature_select", "driver_features",
+               "config_msix_vector", "queue_select", "queue_msix_vectors", "queues", "isr", "intx",
+               "config_generation", "config_dirty", "pci_cfg", "device")
 
 
 class VirtioInterrupts(Protocol):
@@ -255,6 +260,93 @@ class VirtioPciTransport:
     def isr(self) -> int:
         """The ISR byte without the read side effect (for tests and --stats)."""
         return self._isr
+
+    @property
+    def intx_level(self) -> bool:
+        """The INTx level as last driven through :meth:`VirtioInterrupts.intx`."""
+        return self._intx
+
+    # --- snapshot -----------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """Status, negotiation, selectors, vectors, ISR and INTx, the queues, PCI_CFG, and the device's own.
+
+        DEVICE_NEEDS_RESET is in ``device_status`` as the driver reads it.
+        Not saved: statistics, ``last_error``, the interrupt host and guest
+        RAM. The machine quiesces the device's workers first: the queues'
+        indices are read here, and the device's :meth:`save_state` refuses
+        (StateError) if it holds a request across kicks.
+        """
+        with self.lock:
+            with self._irq_lock:
+                isr, intx = self._isr, self._intx
+            with self.pci_cfg._lock:
+                pci_cfg = bytes(self.pci_cfg._image)
+            return {
+                "device_status": self.status, "device_feature_select": self._dfselect,
+                "driver_feature_select": self._gfselect, "driver_features": self.driver_features,
+                "config_msix_vector": self._config_vector, "queue_select": self._queue_select,
+                "queue_msix_vectors": list(self._queue_vectors), "queues": [vq.save_state() for vq in self.queues],
+                "isr": isr, "intx": intx, "config_generation": self._generation, "config_dirty": self._config_dirty,
+                "pci_cfg": pci_cfg.hex(), "device": self.device.save_state(),
+            }
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the transport :meth:`save_state` described; StateError (and no change) if it is damaged.
+
+        Everything, the device's state and every queue's included, is
+        checked before anything changes. An active device is re-attached
+        to its queues with ``activate`` (and a stopped one ``reset``), then
+        given its saved state. No interrupt is sent: the machine sets the
+        line from :attr:`intx_level`, and re-kicks queues with available
+        buffers (``queue_notify``) in case a kick was lost while it saved.
+        """
+        r = StateReader(state, f"the virtio-pci transport (device type {self.device.device_type})", _STATE_KEYS)
+        status = r.take_int("device_status", 0, 0xFF)
+        r.require(not status & ~(_DRIVER_STATUS_BITS | DEVICE_NEEDS_RESET), "device_status", "it has undefined bits")
+        dfselect, gfselect = r.take_int("device_feature_select", 0, _M32), r.take_int("driver_feature_select", 0, _M32)
+        features = r.take_int("driver_features", 0, (1 << 64) - 1)
+        n = self.num_queues
+        config_vector = r.take_int("config_msix_vector", 0, 0xFFFF)
+        queue_vectors = r.take_int_list("queue_msix_vectors", 0, 0xFFFF, n, min_len=n)
+        for key, vectors in (("config_msix_vector", [config_vector]), ("queue_msix_vectors", queue_vectors)):
+            r.require(all(self._vector(v) == v for v in vectors), key, f"a vector is not below {self.msix_vectors}")
+        queue_select = r.take_int("queue_select", 0, 0xFFFF)
+        queue_states = r.take_list("queues", n, min_len=n)
+        queue_loads = [vq.check_state(qs) for vq, qs in zip(self.queues, queue_states)]
+        isr, intx = r.take_int("isr", 0, ISR_QUEUE | ISR_CONFIG), r.take_bool("intx")
+        r.require(isr != 0 or not intx, "intx", "INTx is raised only with an ISR bit to read")
+        generation, config_dirty = r.take_int("config_generation", 0, 0xFF), r.take_bool("config_dirty")
+        pci_cfg = r.take_hex_bytes("pci_cfg", _PciCfgWindow.SIZE, min_len=_PciCfgWindow.SIZE)
+        with self.pci_cfg._lock:
+            fixed = [i for i in range(_PciCfgWindow.SIZE) if i not in _PciCfgWindow._WRITABLE]
+            r.require(all(pci_cfg[i] == self.pci_cfg._image[i] for i in fixed), "pci_cfg",
+                      "a read-only byte of the capability differs")
+        r.require(not status & DRIVER_OK or bool(status & FEATURES_OK), "device_status",
+                  "DRIVER_OK needs FEATURES_OK")
+        r.require(not status & FEATURES_OK or self._features_acceptable(features), "driver_features",
+                  "FEATURES_OK was set for features this device refuses")
+        broken = any(qs["broken"] for qs in queue_states)  # type: ignore[index]
+        r.require(bool(status & DEVICE_NEEDS_RESET) == broken, "device_status",
+                  "DEVICE_NEEDS_RESET is set exactly when a queue broke")
+        device_load = self.device.check_state(r.state["device"])
+        with self.lock:
+            self._driver_ok = False
+            if status & DRIVER_OK:
+                self.device.activate(features, self.queues, self)
+            else:
+                self.device.reset()
+            for load in queue_loads:
+                load()
+            self._status, self._needs_reset = status & _DRIVER_STATUS_BITS, broken
+            self.driver_features, self._dfselect, self._gfselect = features, dfselect, gfselect
+            self._config_vector, self._queue_vectors, self._queue_select = config_vector, list(queue_vectors), queue_select
+            self._generation, self._config_dirty = generation, config_dirty
+            with self._irq_lock:
+                self._isr, self._intx = isr, intx
+            with self.pci_cfg._lock:
+                self.pci_cfg._image[:] = pci_cfg
+            device_load()
+            self._driver_ok = bool(status & DRIVER_OK)
 
     def _reset_registers(self) -> None:
         self._status = 0
@@ -446,8 +538,7 @@ class VirtioPciTransport:
             new = (current & _M32) | (value << 32)
         setattr(vq, name, new)
 
-    def _features_acceptable(self) -> bool:
-        accepted = self.driver_features
+    def _features_acceptable(self, accepted: int) -> bool:
         return not accepted & ~self.device_features and bool(accepted >> VIRTIO_F_VERSION_1 & 1)
 
     def _write_status(self, value: int) -> None:
@@ -457,7 +548,7 @@ class VirtioPciTransport:
             return
         old = self._status
         new = old | value  # only a reset clears status bits
-        if new & FEATURES_OK and not old & FEATURES_OK and not self._features_acceptable():
+        if new & FEATURES_OK and not old & FEATURES_OK and not self._features_acceptable(self.driver_features):
             new &= ~FEATURES_OK  # the driver reads it back and gives up (§3.1.1 step 6)
             self.feature_refusals += 1
         if new & DRIVER_OK and not old & DRIVER_OK:

@@ -71,9 +71,11 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Mapping
 from typing import Callable, Iterable, Protocol, Sequence
 
 from ...errors import GuestMemoryError
+from ..state import StateReader
 from . import (
     MAX_QUEUE_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -88,6 +90,9 @@ MAX_DESCRIPTORS = 1024       # descriptors walked per chain, direct and indirect
 MAX_BYTES = 1 << 30          # total buffer length per chain
 _U64_END = 1 << 64
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+
+_VQ_KEYS = ("size", "desc_addr", "avail_addr", "used_addr", "event_idx", "indirect", "ready", "broken",
+            "last_avail_idx", "used_idx", "signalled_used_idx", "notifications_suppressed")
 
 # A locked instruction (the uncontended lock's compare-and-swap) is a full
 # barrier on x86: it orders our store to the ring before the load after it.
@@ -183,31 +188,96 @@ class Virtqueue:
     def enable(self) -> bool:
         """Validate the driver's layout and map the ring; False (queue broken) if it is unusable."""
         size = self.size
-        if not (1 <= size <= self.max_size and size & (size - 1) == 0):
-            return self._break("bad_size", f"queue size {size} is not a power of two in 1..{self.max_size}")
-        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
-            return self._break("misaligned_ring", "ring parts are not aligned to 16/2/4 bytes "
-                               f"(desc {self.desc_addr:#x}, avail {self.avail_addr:#x}, used {self.used_addr:#x})")
-        extra = 2 if self.event_idx else 0
-        try:
-            desc = self.mem.view(self.desc_addr, DESC_SIZE * size)
-            avail = self.mem.view(self.avail_addr, 4 + 2 * size + extra)
-            used = self.mem.view(self.used_addr, 4 + 8 * size + extra)
-        except (GuestMemoryError, ValueError, OverflowError):
+        problem = self._layout_problem(size, self.desc_addr, self.avail_addr, self.used_addr)
+        if problem is not None:
+            return self._break(*problem)
+        views = self._map(size, self.desc_addr, self.avail_addr, self.used_addr, self.event_idx)
+        if views is None:
             return self._break("ring_outside_ram", "a ring part is not in guest RAM "
                                f"(desc {self.desc_addr:#x}, avail {self.avail_addr:#x}, used {self.used_addr:#x}, size {size})")
-        self._desc = desc
-        self._avail = avail.cast("H")
-        self._used16 = used.cast("H")
-        self._used32 = used[4:4 + 8 * size].cast("I")
-        self._used_event = 2 + size
-        self._avail_event = 2 + 4 * size
+        self._install(size, views)
         self.ready = True
         # The device owns the used ring's flags and avail_event: start them clean.
         self._used16[0] = 0
         if self.event_idx:
             self._used16[self._avail_event] = self.last_avail
         return True
+
+    def _layout_problem(self, size: int, desc: int, avail: int, used: int) -> tuple[str, str] | None:
+        """(error key, message) for a ring the queue cannot use, else None."""
+        if not (1 <= size <= self.max_size and size & (size - 1) == 0):
+            return "bad_size", f"queue size {size} is not a power of two in 1..{self.max_size}"
+        if desc % 16 or avail % 2 or used % 4:
+            return "misaligned_ring", ("ring parts are not aligned to 16/2/4 bytes "
+                                       f"(desc {desc:#x}, avail {avail:#x}, used {used:#x})")
+        return None
+
+    def _map(self, size: int, desc: int, avail: int, used: int,
+             event_idx: bool) -> tuple[memoryview, memoryview, memoryview] | None:
+        """Views of the three ring parts (nothing is read or written), or None if one is not in RAM."""
+        extra = 2 if event_idx else 0
+        try:
+            return (self.mem.view(desc, DESC_SIZE * size), self.mem.view(avail, 4 + 2 * size + extra),
+                    self.mem.view(used, 4 + 8 * size + extra))
+        except (GuestMemoryError, ValueError, OverflowError):
+            return None
+
+    def _install(self, size: int, views: tuple[memoryview, memoryview, memoryview]) -> None:
+        desc, avail, used = views
+        self._desc = desc
+        self._avail = avail.cast("H")
+        self._used16 = used.cast("H")
+        self._used32 = used[4:4 + 8 * size].cast("I")
+        self._used_event = 2 + size
+        self._avail_event = 2 + 4 * size
+
+    # --- snapshot ---------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """The ring's layout and the device's side of it: the indices and the notification state.
+
+        The ring itself is guest RAM. Not saved: the statistics, the error
+        tallies and ``on_broken`` (the transport's callback).
+        """
+        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
+                "used_addr": self.used_addr, "event_idx": self.event_idx, "indirect": self.indirect,
+                "ready": self.ready, "broken": self.broken, "last_avail_idx": self.last_avail,
+                "used_idx": self.used_idx, "signalled_used_idx": self._signalled,
+                "notifications_suppressed": self._suppressed}
+
+    def check_state(self, state: object) -> Callable[[], None]:
+        """Validate a saved state without changing the queue; returns the function that loads it.
+
+        Split from :meth:`load_state` so that a transport can check every
+        queue before it changes any. A ready queue's ring must be mappable
+        here (views only: no RAM is read or written, the ring is as saved).
+        """
+        r = StateReader(state, f"virtqueue {self.index}", _VQ_KEYS)
+        size = r.take_int("size", 0, 0xFFFF)
+        desc, avail, used = (r.take_int(k, 0, (1 << 64) - 1) for k in ("desc_addr", "avail_addr", "used_addr"))
+        event_idx, indirect, ready, broken, suppressed = (r.take_bool(k) for k in (
+            "event_idx", "indirect", "ready", "broken", "notifications_suppressed"))
+        last_avail, used_idx, signalled = (r.take_int(k, 0, 0xFFFF) for k in (
+            "last_avail_idx", "used_idx", "signalled_used_idx"))
+        r.require(not (ready and broken), "ready", "a broken queue is never ready")
+        views = None
+        if ready:
+            problem = self._layout_problem(size, desc, avail, used)
+            r.require(problem is None, "ready", f"a ready queue has a usable ring, and {problem and problem[1]}")
+            views = self._map(size, desc, avail, used, event_idx)
+            r.require(views is not None, "ready", "a ready queue's ring is in guest RAM")
+
+        def load() -> None:
+            self.reset()
+            self.size, self.desc_addr, self.avail_addr, self.used_addr = size, desc, avail, used
+            self.event_idx, self.indirect, self.ready, self.broken = event_idx, indirect, ready, broken
+            self.last_avail, self.used_idx, self._signalled, self._suppressed = last_avail, used_idx, signalled, suppressed
+            if views is not None:
+                self._install(size, views)
+        return load
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Become the queue :meth:`save_state` described; StateError (and no change) if it is damaged."""
+        self.check_state(state)()
 
     # --- device API -----------------------------------------------------------------
     def available(self) -> int:

@@ -8,6 +8,9 @@ the host allocate (and the entropy source produce) more than that at once.
 Device-readable buffers, which a driver must not post here, are ignored.
 If the entropy source fails (OSError) or runs short, the request completes
 with what it got.
+
+Its snapshot state is empty: random bytes leave nothing behind that the
+guest could observe, and the byte counters are statistics.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class VirtioRng(VirtioDeviceBase):
     device_type = VIRTIO_ID_RNG
     num_queues = 1
     queue_max_size = QUEUE_SIZE
+    _state_name = "the virtio entropy device"
 
     def __init__(self, entropy: Callable[[int], bytes], *, max_request: int = MAX_REQUEST) -> None:
         super().__init__()
