@@ -29,7 +29,9 @@ STRUCTS = {
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry, "kvm_irq_routing": s.kvm_irq_routing,
     "kvm_enable_cap": s.kvm_enable_cap, "kvm_stats_header": s.kvm_stats_header,
     "kvm_stats_desc": s.kvm_stats_desc,
-    "kvm_mp_state": s.kvm_mp_state,
+    "kvm_mp_state": s.kvm_mp_state, "kvm_xsave": s.kvm_xsave, "kvm_xcr": s.kvm_xcr, "kvm_xcrs": s.kvm_xcrs,
+    "kvm_debugregs": s.kvm_debugregs, "kvm_pit_channel_state": s.kvm_pit_channel_state,
+    "kvm_pit_state2": s.kvm_pit_state2,
 }
 
 # (C expression for the offset, Python offset)
@@ -61,12 +63,16 @@ OFFSETS = {
     "offsetof(struct kvm_irq_routing_entry, u)": s.kvm_irq_routing_entry.u.offset,
     "offsetof(struct kvm_clock_data, host_tsc)": s.kvm_clock_data.host_tsc.offset,
     "offsetof(struct kvm_stats_desc, name)": ctypes.sizeof(s.kvm_stats_desc),
+    "offsetof(struct kvm_xcrs, xcrs)": s.kvm_xcrs.xcrs.offset,
+    "offsetof(struct kvm_debugregs, dr7)": s.kvm_debugregs.dr7.offset,
+    "offsetof(struct kvm_pit_channel_state, count_load_time)": s.kvm_pit_channel_state.count_load_time.offset,
+    "offsetof(struct kvm_pit_state2, flags)": s.kvm_pit_state2.flags.offset,
 }
 
 IOCTLS = [name for name in dir(c) if name.startswith("KVM_") and name not in (
     "KVM_API_VERSION",) and isinstance(getattr(c, name), int) and (
     name.startswith(("KVM_GET_", "KVM_SET_", "KVM_CREATE_", "KVM_RUN", "KVM_CHECK_", "KVM_IRQ", "KVM_IOEVENTFD",
-                     "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_ENABLE_CAP")))
+                     "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_ENABLE_CAP", "KVM_KVMCLOCK_CTRL")))
     and not name.startswith(("KVM_IRQFD_FLAG", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_"))]
 
 CAPS = {f"KVM_CAP_{cap.name}": int(cap) for cap in c.Cap}

@@ -36,6 +36,8 @@ KVM_CREATE_PIT2 = IOW(0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = IOW(0x79, s.kvm_ioeventfd)
 KVM_SET_CLOCK = IOW(0x7B, s.kvm_clock_data)
 KVM_GET_CLOCK = IOR(0x7C, s.kvm_clock_data)
+KVM_GET_PIT2 = IOR(0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = IOW(0xA0, s.kvm_pit_state2)
 KVM_ENABLE_CAP = IOW(0xA3, s.kvm_enable_cap)
 KVM_GET_STATS_FD = IO(0xCE)
 
@@ -59,6 +61,15 @@ KVM_SET_GUEST_DEBUG = IOW(0x9B, s.kvm_guest_debug)
 KVM_GET_VCPU_EVENTS = IOR(0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = IOW(0xA0, s.kvm_vcpu_events)
 KVM_GET_MP_STATE = IOR(0x98, s.kvm_mp_state)
+KVM_SET_MP_STATE = IOW(0x99, s.kvm_mp_state)
+KVM_GET_DEBUGREGS = IOR(0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = IOW(0xA2, s.kvm_debugregs)
+KVM_GET_XSAVE = IOR(0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = IOW(0xA5, s.kvm_xsave)
+KVM_GET_XCRS = IOR(0xA6, s.kvm_xcrs)
+KVM_SET_XCRS = IOW(0xA7, s.kvm_xcrs)
+KVM_KVMCLOCK_CTRL = IO(0xAD)
+KVM_GET_XSAVE2 = IOR(0xCF, s.kvm_xsave)
 KVM_GET_TSC_KHZ = IO(0xA3)
 
 KVM_API_VERSION = 12
@@ -157,6 +168,11 @@ class Cap(IntEnum):
     X86_USER_SPACE_MSR = 188
     X2APIC_API = 129
     SPLIT_IRQCHIP = 121
+    DEBUGREGS = 50
+    XSAVE = 55
+    XCRS = 56
+    KVMCLOCK_CTRL = 76
+    XSAVE2 = 208
 
 
 # Flags and values used by the machine layer.

@@ -13,13 +13,14 @@ from ctypes import (
     c_char,
     c_int16,
     c_int32,
+    c_int64,
     c_uint8,
     c_uint16,
     c_uint32,
     c_uint64,
 )
 
-u8, u16, u32, u64, s16, s32 = c_uint8, c_uint16, c_uint32, c_uint64, c_int16, c_int32
+u8, u16, u32, u64, s16, s32, s64 = c_uint8, c_uint16, c_uint32, c_uint64, c_int16, c_int32, c_int64
 
 
 # --- kvm_run and its exit union -------------------------------------------------
@@ -231,6 +232,34 @@ class kvm_vcpu_events(Structure):
     ]
 
 
+class kvm_xsave(Structure):
+    """The legacy 4 KiB XSAVE area (KVM_GET_XSAVE); see :func:`xsave_buffer` for KVM_GET_XSAVE2's larger one."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+def xsave_buffer(size: int) -> type[Structure]:
+    """An XSAVE area of ``size`` bytes (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)), at least the legacy 4 KiB."""
+    class _kvm_xsave_n(Structure):
+        _fields_ = [("region", u32 * (max(size, 4096) // 4))]
+    return _kvm_xsave_n
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
+
+
+class kvm_debugregs(Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
 class kvm_guest_debug_arch(Structure):
     _fields_ = [("debugreg", u64 * 8)]
 
@@ -302,6 +331,18 @@ class kvm_irqchip(Structure):
 
 class kvm_pit_config(Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class kvm_pit_channel_state(Structure):
+    _fields_ = [
+        ("count", u32), ("latched_count", u16), ("count_latched", u8), ("status_latched", u8),
+        ("status", u8), ("read_state", u8), ("write_state", u8), ("write_latch", u8),
+        ("rw_mode", u8), ("mode", u8), ("bcd", u8), ("gate", u8), ("count_load_time", s64),
+    ]
+
+
+class kvm_pit_state2(Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
 
 
 class kvm_irq_routing_irqchip(Structure):

@@ -128,6 +128,21 @@ class Kvm:
                 raise
             return [buf.entries[i] for i in range(buf.nent)]
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs whose state a snapshot must carry (msrs_to_save and emulated ones)."""
+        n = 256
+        while True:
+            buf = (ctypes.c_uint32 * (n + 1))()
+            buf[0] = n
+            try:
+                _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 16384:
+                    n = max(n * 2, buf[0])
+                    continue
+                raise
+            return list(buf[1:1 + buf[0]])
+
     def create_vm(self) -> "Vm":
         return Vm(self, _ioctl(self.fd, c.KVM_CREATE_VM, 0))
 
@@ -222,6 +237,14 @@ class Vm:
 
     def set_clock(self, clock_ns: int) -> None:
         _ioctl(self.fd, c.KVM_SET_CLOCK, s.kvm_clock_data(clock=clock_ns))
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        st = s.kvm_pit_state2()
+        _ioctl(self.fd, c.KVM_GET_PIT2, st)
+        return st
+
+    def set_pit2(self, st: s.kvm_pit_state2) -> None:
+        _ioctl(self.fd, c.KVM_SET_PIT2, st)
 
     def enable_cap(self, cap: int, *args: int) -> None:
         arg = s.kvm_enable_cap(cap=int(cap))
@@ -356,6 +379,50 @@ class Vcpu:
         st = s.kvm_mp_state()
         _ioctl(self.fd, c.KVM_GET_MP_STATE, st)
         return st.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, c.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state=mp_state))
+
+    def get_xsave(self) -> bytes:
+        """The vCPU's XSAVE area (FPU, SSE, AVX... state): KVM_GET_XSAVE2 where the host's area
+        is larger than 4 KiB (AMX), else KVM_GET_XSAVE."""
+        size = self.vm.check_extension(c.Cap.XSAVE2)
+        if size > 4096:
+            buf = s.xsave_buffer(size)()
+            _ioctl(self.fd, c.KVM_GET_XSAVE2, buf)
+        else:
+            buf = s.kvm_xsave()
+            _ioctl(self.fd, c.KVM_GET_XSAVE, buf)
+        return bytes(buf)
+
+    def set_xsave(self, area: bytes) -> None:
+        buf = s.xsave_buffer(len(area)).from_buffer_copy(area.ljust(4096, b"\0"))
+        _ioctl(self.fd, c.KVM_SET_XSAVE, buf)
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        st = s.kvm_xcrs()
+        _ioctl(self.fd, c.KVM_GET_XCRS, st)
+        return st
+
+    def set_xcrs(self, st: s.kvm_xcrs) -> None:
+        _ioctl(self.fd, c.KVM_SET_XCRS, st)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        st = s.kvm_debugregs()
+        _ioctl(self.fd, c.KVM_GET_DEBUGREGS, st)
+        return st
+
+    def set_debugregs(self, st: s.kvm_debugregs) -> None:
+        _ioctl(self.fd, c.KVM_SET_DEBUGREGS, st)
+
+    def kvmclock_ctrl(self) -> bool:
+        """KVM_KVMCLOCK_CTRL: tell the guest's soft-lockup watchdog that the host paused this vCPU.
+        False when the guest has no kvmclock page (EINVAL) or the host lacks it."""
+        try:
+            _ioctl(self.fd, c.KVM_KVMCLOCK_CTRL)
+            return True
+        except KvmError:
+            return False
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest TSC frequency KVM gives this vCPU."""
