@@ -147,6 +147,45 @@ class VirtualMachine:
             raise
         self._started = False
 
+    @classmethod
+    def restore(cls, directory: str | Path, extra_ports: list[Backend | None] | None = None,
+                virtio_console: Backend | None = None, verify: bool = False) -> "VirtualMachine":
+        """A VM that continues from a snapshot (:meth:`snapshot`, ``kvmkit snapshot``), with a new console tap.
+
+        Any number of VMs may restore from one snapshot at once: each maps its
+        memory copy-on-write and the snapshot never changes. ``extra_ports``
+        and ``virtio_console`` are this run's backends for the ports the
+        snapshot's machine had (default: discard their output).
+        """
+        self = cls.__new__(cls)
+        self.console_backend = SocketPairBackend()
+        backends: dict[str, Backend | None] = {"COM1": self.console_backend}
+        for i, b in enumerate((extra_ports or [NullBackend(), NullBackend(), NullBackend()])[:3]):
+            backends[f"COM{i + 2}"] = b if b is not None else NullBackend()
+        if virtio_console is not None:
+            backends["hvc0"] = virtio_console
+        self.console = ConsoleTap(self.console_backend.peer)
+        self._started = False
+        self.boot_info = None
+        try:
+            self.machine = Machine.restore(directory, backends=backends, verify=verify)
+        except BaseException:
+            self.console.close()
+            raise
+        return self
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop the vCPUs at an instruction boundary (devices go on); :meth:`resume` lets them run."""
+        self.machine.pause(timeout)
+
+    def resume(self) -> None:
+        self.machine.resume()
+
+    def snapshot(self, directory: str | Path) -> dict[str, object]:
+        """Save the VM into a new directory and go on running; returns sizes and timings.
+        :meth:`restore` (or ``kvmkit run --restore DIR``) continues from it."""
+        return self.machine.snapshot(directory)
+
     @property
     def status(self) -> int | None:
         return self.machine.status

@@ -33,6 +33,7 @@ class MemoryRegion:
     gpa: int
     size: int
     mm: mmap.mmap = field(repr=False)
+    backing_fd: int | None = field(default=None, repr=False)  # a snapshot's memory file, mapped copy-on-write
 
     @property
     def end(self) -> int:
@@ -64,12 +65,23 @@ def ram_layout(mem_size: int) -> list[tuple[int, int]]:
 class GuestMemory:
     """All guest RAM regions, with checked read/write by guest physical address."""
 
-    def __init__(self, mem_size: int) -> None:
+    def __init__(self, mem_size: int, backing: list[int] | None = None) -> None:
+        """``backing``: one open file per region (a snapshot's memory), mapped MAP_PRIVATE: the guest
+        sees the file's bytes, its writes stay in this process, the file never changes, and mapping
+        costs the same for any size (pages are read from the file when first touched)."""
         self.size = mem_size
         self.regions: list[MemoryRegion] = []
-        for slot, (gpa, size) in enumerate(ram_layout(mem_size)):
-            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-            self.regions.append(MemoryRegion(slot, gpa, size, mm))
+        layout = ram_layout(mem_size)
+        if backing is not None and len(backing) != len(layout):
+            raise GuestMemoryError(f"{len(backing)} memory files for {len(layout)} RAM regions")
+        for slot, (gpa, size) in enumerate(layout):
+            fd = backing[slot] if backing is not None else None
+            if fd is None:
+                mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            else:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.regions.append(MemoryRegion(slot, gpa, size, mm, fd))
 
     def close(self) -> None:
         for region in self.regions:

@@ -70,14 +70,20 @@ def connect(path: Path) -> socket.socket:
     return c
 
 
+_unread: dict[int, bytes] = {}  # replies that came in one recv with an earlier one, by socket
+
+
 def read_reply(c: socket.socket) -> dict[str, Any]:
-    got = b""
-    while not got.endswith(b"\n"):
+    """One reply line (two replies may arrive in one recv: the second waits for the next call)."""
+    got = _unread.pop(id(c), b"")
+    while b"\n" not in got:
         chunk = c.recv(65536)
         assert chunk, f"closed; got {got!r}"
         got += chunk
-    assert got.count(b"\n") == 1, got
-    return json.loads(got)
+    line, rest = got.split(b"\n", 1)
+    if rest:
+        _unread[id(c)] = rest
+    return json.loads(line)
 
 
 def ask(c: socket.socket, line: bytes) -> dict[str, Any]:

@@ -111,13 +111,19 @@ class Milestones:
             return self.buf.decode("utf-8", "replace")
 
 
-def start_kvmkit(kernel: Path, initrd: Path, *extra: str, append: str = APPEND) -> tuple[subprocess.Popen[bytes], int, Milestones]:
+def start_kvmkit(kernel: Path, initrd: Path, *extra: str, append: str = APPEND,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int, Milestones]:
     """`kvmkit run` with the stock command line on a new pty: (process, pty master fd, console reader)."""
+    return start_kvmkit_argv(["--kernel", str(kernel), "--initrd", str(initrd), "--append", append, "--mem", MEM,
+                              "--stats", *extra], env)
+
+
+def start_kvmkit_argv(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int, Milestones]:
+    """`kvmkit run ARGS` on a new pty (e.g. ``--restore DIR``): (process, pty master fd, console reader)."""
     master, slave = pty.openpty()
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    argv = [sys.executable, "-m", "kvmkit", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--append", append, "--mem", MEM, "--stats", *extra]
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    full_env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO / "src"))
+    argv = [sys.executable, "-m", "kvmkit", "run", *args]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=full_env, start_new_session=True)
     os.close(slave)
     return proc, master, Milestones(master)
 

@@ -1,4 +1,5 @@
-"""Fixtures for booting the stock Debian kernel: the kernel itself and a busybox initramfs."""
+"""Fixtures for booting the stock Debian kernel with modules: a virtio initramfs and pvce.ko (the kernel,
+the busybox initramfs and the booted-guest snapshot are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,6 @@ import pytest
 
 from kvmkit.boot.initramfs import busybox_initramfs
 from kvmkit.errors import BootError
-
-
-@pytest.fixture(scope="session")
-def busybox_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox initramfs (kvmkit initramfs) whose /init gives a shell on the console."""
-    try:
-        data = busybox_initramfs()
-    except BootError as exc:
-        pytest.skip(f"no static busybox to build the initramfs: {exc}")
-    path = tmp_path_factory.mktemp("initrd") / "initrd.img"
-    path.write_bytes(data)
-    return path
 
 
 @pytest.fixture(scope="session")

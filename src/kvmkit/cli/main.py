@@ -51,6 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="hide a CPU feature from the guest, e.g. 1:ecx:13 (CX16) or 7:ebx:9 (ERMS); repeatable")
     p.add_argument("--quirks", choices=["auto", "nested-pvm", "none"], default="auto",
                    help="host quirk profile (docs/quirks.md); auto picks nested-pvm on a PVM host, none elsewhere")
+    p.add_argument("--restore", metavar="DIR", help="continue from a snapshot (kvmkit snapshot NAME -o DIR) instead of booting")
+    p.add_argument("--verify", action="store_true", help="with --restore: check the memory files' digests too (reads them whole)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
     p.add_argument("--name", help="the VM's name for kvmkit list/pause/resume/stop/stats/snapshot "
                    "(default: an unused vm-XXXX); its control socket is $XDG_RUNTIME_DIR/kvmkit/NAME.sock")
@@ -78,20 +80,51 @@ def _check_writable(path: str, what: str) -> None:
     os.close(fd)
 
 
+# What a snapshot fixes: with --restore these come from it, and giving them is a mistake worth one sentence.
+_FIXED_BY_SNAPSHOT = (("kernel", "-k"), ("initrd", "-i"), ("append", "-p"), ("disk", "--disk"),
+                      ("serial_nofifo", "--serial-nofifo"), ("serial_pace", "--serial-pace"), ("rng", "--rng"),
+                      ("cpuid_clear", "--cpuid-clear"), ("script", "guest commands"))
+
+
+def _check_restore_options(args: argparse.Namespace) -> None:
+    def present(attr: str) -> bool:
+        value = getattr(args, attr)
+        return any(w != "--" for w in value) if attr == "script" else bool(value)
+
+    given = [flag for attr, flag in _FIXED_BY_SNAPSHOT if present(attr)]
+    if args.mem != "256M":
+        given.append("-m")
+    if args.cpus != 1:
+        given.append("-c")
+    if args.console != "serial" or args.quirks != "auto":
+        given.append("--console/--quirks")
+    if given:
+        raise KvmkitError(f"--restore continues the snapshot's machine as it was; drop {', '.join(given)} "
+                          "(only the serial backends, --name and the statistics options apply).")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..host.control import validate_name
     from ..machine.control import ControlServer
     from ..machine.machine import Machine
 
-    config = run_config(args)
+    if args.restore:
+        _check_restore_options(args)
+    else:
+        config = run_config(args)
     if args.stats_json:
         _check_writable(args.stats_json, "statistics (--stats-json)")
     if getattr(args, "name", None) is not None:
         validate_name(args.name)
-    machine = Machine(config)  # KVM problems first: they are the most basic
+    if args.restore:
+        from ..machine.config import parse_serial_specs
+        machine = Machine.restore(args.restore, serial=parse_serial_specs(args.serial), verify=args.verify)
+    else:
+        machine = Machine(config)  # KVM problems first: they are the most basic
     control = ControlServer(machine, getattr(args, "name", None))
     try:
-        machine.load()
+        if not args.restore:
+            machine.load()
         if args.kernel and not args.initrd and not args.disk:
             print("kvmkit: warning: a Linux kernel with no initrd (-i) and no root disk (--disk) panics when it mounts "
                   "root; build one with 'kvmkit initramfs -o initrd.img' (add --modules VERSION for a virtio root disk).",

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -44,6 +45,32 @@ ERROR = "error"
 SIGNAL = "signal"
 QUIT = "quit"
 HOST = "host"  # the program driving kvmkit (the API, a test) ended it
+
+
+def call_elsewhere(post: Callable[[Callable[[], None]], None], fn: Callable[[], object], timeout: float,
+                   late: Callable[[], BaseException]) -> object:
+    """Hand ``fn`` to another thread through ``post``, wait for it, and return its result or raise its error.
+
+    ``late()`` is raised when it has not run within ``timeout`` seconds.
+    """
+    result: list[object] = []
+    error: list[BaseException] = []
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+        finally:
+            done.set()
+
+    post(call)
+    if not done.wait(timeout):
+        raise late()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,11 @@ class Lifecycle:
         self._done = threading.Event()
         self._members: list[Member] = []
         self.on_stop: list[Callable[[Outcome], None]] = []
+        # Pausing: every vCPU thread parks in park() until resume() or a stop.
+        self._pause = threading.Condition()
+        self._pausing = False
+        self._parked: set[int] = set()
+        self._work: dict[int, list[Callable[[], None]]] = {}  # vCPU id -> calls to run on its thread while parked
 
     def add(self, member: Member) -> None:
         self._members.append(member)
@@ -107,6 +139,8 @@ class Lifecycle:
         for m in self._members:
             m.interrupt()
         self.kick_all()
+        with self._pause:
+            self._pause.notify_all()  # parked vCPUs leave too
         self._done.set()
         for cb in self.on_stop:
             try:
@@ -114,11 +148,100 @@ class Lifecycle:
             except Exception:
                 log.exception("stop callback failed")
 
+    # --- pause and resume ------------------------------------------------------------
+    @property
+    def pausing(self) -> bool:
+        """A pause was asked for and not yet undone (the vCPU loop looks at it after each kick)."""
+        return self._pausing
+
+    @property
+    def paused(self) -> bool:
+        """Every started vCPU thread is parked."""
+        with self._pause:
+            return self._pausing and self._all_parked()
+
+    def _all_parked(self) -> bool:
+        live = [m for m in self._members if m.thread is not None and m.thread.is_alive()]
+        return all(id(m) in self._parked for m in live)
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Bring every vCPU out of KVM_RUN and park it; True once all are parked (False on timeout or stop).
+
+        A vCPU leaves KVM_RUN only through KVM_RUN itself, with immediate_exit
+        set: that completes an I/O or MMIO exit it was in the middle of, so
+        that what is parked is a clean instruction boundary (KVM's rule for
+        saving state, see kvm/state.py).
+        """
+        with self._pause:
+            self._pausing = True
+        for m in self._members:
+            m.interrupt()
+        self.kick_all()
+        deadline = time.monotonic() + timeout
+        with self._pause:
+            while not self._all_parked():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping:
+                    return False
+                self._pause.wait(min(left, 0.05))
+                if not self._all_parked():
+                    for m in self._members:
+                        m.interrupt()
+                    self.kick_all()  # a vCPU halted in KVM: the first kick may have come before it got there
+            return True
+
+    def resume(self) -> None:
+        with self._pause:
+            self._pausing = False
+            self._pause.notify_all()
+
+    def park(self, member: Member) -> None:
+        """Called by a vCPU thread that found :attr:`pausing`: wait for resume or stop, running what
+        :meth:`on_vcpu` hands it meanwhile."""
+        key = id(member)
+        with self._pause:
+            self._parked.add(key)
+            self._pause.notify_all()
+            try:
+                while self._pausing and not self.stopping:
+                    work = self._work.pop(key, None)
+                    if work:
+                        self._pause.release()
+                        try:
+                            for fn in work:
+                                fn()
+                        finally:
+                            self._pause.acquire()
+                        self._pause.notify_all()
+                        continue
+                    self._pause.wait(0.5)
+            finally:
+                self._parked.discard(key)
+
+    def on_vcpu(self, member: Member, fn: Callable[[], object], timeout: float = 10.0) -> object:
+        """Run ``fn`` on a parked vCPU's own thread (KVM wants vCPU ioctls from the thread that runs
+        the vCPU) and return its result; raises what it raised."""
+        def post(call: Callable[[], None]) -> None:
+            with self._pause:
+                if id(member) not in self._parked:
+                    raise KvmkitError("the vCPU is not paused; pause the VM first.")
+                self._work.setdefault(id(member), []).append(call)
+                self._pause.notify_all()
+        return call_elsewhere(post, fn, timeout,
+                              lambda: KvmkitError(f"a paused vCPU did not answer within {timeout:.0f} s."))
+
     def kick_all(self) -> None:
-        """Bring every vCPU out of KVM_RUN once (it re-enters at once unless stopping): hooks run, tallies flush."""
+        """Bring every vCPU out of KVM_RUN once (it re-enters at once unless stopping): hooks run, tallies flush.
+
+        The signal only interrupts a vCPU that is inside KVM_RUN; one that is
+        handling an exit in Python at that moment would miss it, so
+        ``immediate_exit`` is set too and its next KVM_RUN returns at once.
+        """
         me = threading.current_thread()
         for m in self._members:
             t = m.thread
+            if t is not None and t.is_alive():
+                m.interrupt()
             if t is not None and t.is_alive() and t.ident is not None and t is not me:
                 try:
                     signal.pthread_kill(t.ident, KICK_SIGNAL)

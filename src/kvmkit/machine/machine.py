@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from pathlib import Path
+from typing import Protocol
 
 from ..boot.linux import BootInfo, load_linux, open_kernel
 from ..devices.cmos import Cmos
@@ -26,6 +29,7 @@ from ..host.blockfile import RawImage
 from ..host.files import read_user_file
 from ..host.loop import EventLoop
 from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap
+from ..kvm.state import restore_vcpu, restore_vm, save_vcpu, save_vm
 from ..kvm.system import Kvm, KvmError, Vm
 from ..memory import MiB, GuestMemory
 from ..profile.exits import VcpuExitStats, format_exit_table
@@ -42,23 +46,40 @@ from .pci import PciHost
 from .pvclockevent import PvClockEvents
 from .quirks import Quirks, make_quirks
 from .serial import SerialPort
+from .snapshot import (Snapshot, SnapshotError, check_disks, config_from_dict, cpuid_entries, cpuid_rows,
+                       missing_features, on_loop, prepare_directory, read_snapshot, vcpu_from_dict, vcpu_to_dict,
+                       vm_from_dict, vm_to_dict, write_snapshot)
 from .vcpu import VcpuRunner
 from .virtio import VirtioPciDevice
 
 log = logging.getLogger(__name__)
+
+MSR_IA32_TSC = 0x10
 
 # What kvmkit cannot run without, with the words a user needs.
 REQUIRED_CAPS = {Cap.IRQCHIP: "an in-kernel irqchip", Cap.USER_MEMORY: "user memory slots",
                  Cap.IRQFD: "irqfd", Cap.PIT2: "an in-kernel PIT"}
 
 
+class Stateful(Protocol):
+    """A part of the machine a snapshot saves: plain JSON data out, the same back in (checked)."""
+
+    def save_state(self) -> dict: ...
+
+    def load_state(self, state: object) -> None: ...
+
+
 class Machine:
     """One VM. Build it from a config, :meth:`load` its kernel, :meth:`run` it."""
 
-    def __init__(self, config: VmConfig, backends: dict[str, Backend | None] | None = None) -> None:
+    def __init__(self, config: VmConfig, backends: dict[str, Backend | None] | None = None,
+                 snapshot: Snapshot | None = None) -> None:
         """``backends`` ("COM1".."COM4", "hvc0"; None = no such port) replaces the config's
-        serial specs for the ports it names: the Python API hands in socket pairs."""
+        serial specs for the ports it names: the Python API hands in socket pairs.
+        ``snapshot``: build the machine over a snapshot's memory and CPUID (see :meth:`restore`)."""
         self.config = config
+        self._snapshot = snapshot
+        self._cpuid: list[list] = []  # per vCPU, the CPUID table it was given (a snapshot records it)
         self.pc = PcMap(config)
         self.lifecycle = Lifecycle()
         self.kvm = Kvm()
@@ -79,6 +100,8 @@ class Machine:
         self.quirks: Quirks | None = None
         self.boot_info: BootInfo | None = None
         self._watch_poweroff = False
+        self.name: str | None = None       # the control socket's name for it (kvmkit run --name)
+        self.started_at: float | None = None  # time.time() at start()
         try:
             self._build(backends)
         except BaseException:
@@ -97,7 +120,7 @@ class Machine:
         except KvmError:
             pass  # not needed on every host (AMD, PVM)
         try:
-            self.mem = GuestMemory(cfg.mem_size)
+            self.mem = GuestMemory(cfg.mem_size, self._snapshot.memory_fds if self._snapshot is not None else None)
         except OSError as e:
             raise KvmkitError(f"cannot allocate {cfg.mem_size // MiB} MiB of guest memory: {e.strerror}; use a smaller --mem.") from None
         for region in self.mem.regions:
@@ -105,7 +128,8 @@ class Machine:
         if cfg.irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-            self._set_level_triggered(self.pc.level_irqs())
+            if self._snapshot is None:  # a snapshot's irqchip state carries the ELCR
+                self._set_level_triggered(self.pc.level_irqs())
         if kvm.check_extension(Cap.EXIT_ON_EMULATION_FAILURE):
             try:
                 vm.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
@@ -120,7 +144,11 @@ class Machine:
         supported = kvm.supported_cpuid()
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(build_cpuid(supported, i, cfg.cpus, cpuid_clear))
+            cpuid = build_cpuid(supported, i, cfg.cpus, cpuid_clear)
+            if self._snapshot is not None:
+                cpuid = self._snapshot_cpuid(i, cpuid)
+            vcpu.set_cpuid2(cpuid)
+            self._cpuid.append(cpuid)
             runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.lifecycle, self.mem.read_available)
             self.lifecycle.add(runner)
             self.quirks.install(runner)
@@ -129,6 +157,19 @@ class Machine:
                 self.kvm_stats[i] = StatsReader(vcpu.stats_fd())
             except (KvmError, OSError):
                 pass
+
+    def _snapshot_cpuid(self, index: int, here: list) -> list:
+        """The CPUID the snapshot's guest saw, if this host can give every feature of it."""
+        assert self._snapshot is not None
+        try:
+            saved = cpuid_entries(self._snapshot.state["cpuid"][index])
+        except (KeyError, IndexError, TypeError):
+            raise SnapshotError("the snapshot's CPUID table is damaged; take the snapshot again.") from None
+        missing = missing_features(saved, here)
+        if missing:
+            raise SnapshotError(f"the snapshot was taken on a CPU this host differs from ({', '.join(missing)}); "
+                                "restore it on the same kind of host.")
+        return saved
 
     def _set_level_triggered(self, irqs: tuple[int, ...]) -> None:
         """Program the in-kernel PICs' ELCR for ``irqs``, as PC firmware does for level-triggered lines."""
@@ -168,7 +209,8 @@ class Machine:
         self.cmos = Cmos(nvram=cmos_memory_bytes(low, self.mem.size - low, cfg.cpus))
         self._place("cmos", self.cmos)
         if self.pc.has_pv_clockevent:
-            self.pvclockevent = PvClockEvents(self.vm, self.mem, self.pc, self.mmio_bus, self.loop, self.gsi_routes)
+            self.pvclockevent = PvClockEvents(self.vm, self.mem, self.pc, self.mmio_bus, self.loop, self.gsi_routes,
+                                              guest_tsc=self._guest_tsc)
         ports = self._console_backends(backends or {})
         for idx, p in self.pc.serial_ports():
             backend = ports.get(p.name)
@@ -295,9 +337,152 @@ class Machine:
         """Bring every vCPU out of KVM_RUN once (it re-enters at once): hooks run, tallies are flushed."""
         self.lifecycle.kick_all()
 
+    @property
+    def state(self) -> str:
+        """"created" (not started), "running", "paused" or "stopped"."""
+        if self.lifecycle.stopping:
+            return "stopped"
+        if self.started_at is None:
+            return "created"
+        return "paused" if self.lifecycle.pausing else "running"
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop every vCPU at an instruction boundary and keep it there until :meth:`resume`.
+
+        Devices and the host loop go on (a timer that expires meanwhile is
+        delivered when the vCPUs resume), so the guest sees a pause as time
+        that passed while it did not run, as after a host suspend.
+        """
+        if self.lifecycle.stopping:
+            raise KvmkitError("the VM has stopped; there is nothing to pause.")
+        if not self.lifecycle.pause(timeout):
+            if self.lifecycle.stopping:
+                raise KvmkitError("the VM stopped while it was being paused.")
+            self.lifecycle.resume()
+            raise KvmkitError(f"the vCPUs did not stop within {timeout:.0f} s; the VM keeps running.")
+        for runner in self.runners:
+            # The guest's soft-lockup watchdog would otherwise see the pause as a hung CPU.
+            self.lifecycle.on_vcpu(runner, runner.vcpu.kvmclock_ctrl)
+
+    def resume(self) -> None:
+        """Let paused vCPUs run again (a no-op on a running VM)."""
+        self.lifecycle.resume()
+
+    # --- snapshot and restore (machine/snapshot.py) -------------------------------------------
+    def snapshot(self, directory: Path | str) -> dict[str, object]:
+        """Save the running or paused VM into a new directory; it goes on running (or stays paused).
+
+        Returns what was written and how long it took (seconds for the device
+        and KVM state, for memory, and in all; bytes of memory and state).
+        """
+        directory = Path(directory)
+        if self.state not in ("running", "paused"):
+            raise SnapshotError(f"the VM is {self.state}; only a running or paused VM can be snapshotted.")
+        prepare_directory(directory)
+        was_paused = self.lifecycle.pausing
+        t0 = time.monotonic()
+        self.pause()
+        t_paused = time.monotonic()
+        try:
+            with contextlib.ExitStack() as quiet:
+                for dev in self.virtio:
+                    quiet.enter_context(dev.quiesced())
+                result = on_loop(self, lambda: write_snapshot(self, directory))
+        finally:
+            if not was_paused:
+                self.resume()
+        result["pause_s"] = round(t_paused - t0, 4)
+        return result
+
+    def collect_state(self) -> dict[str, object]:
+        """Everything a snapshot holds but memory (vCPUs parked, on the host loop thread)."""
+        assert self.vm is not None
+        msr_list = self.kvm.msr_index_list()
+        vcpus = [vcpu_to_dict(self.lifecycle.on_vcpu(r, lambda r=r: save_vcpu(r.vcpu, msr_list)))  # type: ignore[misc]
+                 for r in self.runners]
+        devices = {name: part.save_state() for name, part in self.state_parts().items()}
+        return {
+            "vm": vm_to_dict(save_vm(self.vm)), "vcpus": vcpus, "cpuid": [cpuid_rows(c) for c in self._cpuid],
+            "devices": devices, "quirks": self.quirks.save_state() if self.quirks is not None else {},
+            "linux": self._watch_poweroff,
+        }
+
+    def _guest_tsc(self) -> int:
+        """vCPU 0's TSC (on its own thread once the machine runs: call it paused, or before start)."""
+        runner = self.runners[0]
+
+        def read() -> int:
+            return runner.vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        if self.started_at is None:
+            return read()
+        return int(self.lifecycle.on_vcpu(runner, read))  # type: ignore[call-overload]
+
+    def state_parts(self) -> dict[str, Stateful]:
+        """Every part of the machine whose state a snapshot carries, by a stable name."""
+        parts: dict[str, Stateful] = {"cmos": self.cmos, "i8042": self.i8042}
+        for port in self.serial_ports:
+            parts[port.name] = port
+        if self.pvclockevent is not None:
+            parts["pvclockevent"] = self.pvclockevent
+        if self.pci is not None:
+            parts["pci"] = self.pci
+        for dev in self.virtio:
+            parts[dev.name] = dev
+        return parts
+
+    @classmethod
+    def restore(cls, directory: Path | str, backends: dict[str, Backend | None] | None = None,
+                serial: list[str] | None = None, verify: bool = False) -> "Machine":
+        """A new machine that continues from a snapshot; :meth:`start` (or :meth:`run`) it.
+
+        ``serial`` (specs, COM1 first) and ``backends`` name this run's console
+        ends; the snapshot's are not reused. ``verify`` checks the memory
+        files' digests too (it reads all their data: slower, for suspect copies).
+        """
+        snap = read_snapshot(Path(directory), verify_memory=verify)
+        try:
+            check_disks(snap.manifest)
+            config = config_from_dict(snap.manifest["config"], serial)
+            machine = cls(config, backends, snapshot=snap)
+        except BaseException:
+            snap.close()
+            raise
+        try:
+            machine._apply_state(snap.state)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def _apply_state(self, state: dict[str, object]) -> None:
+        assert self.vm is not None
+        if not isinstance(state.get("vcpus"), list) or len(state["vcpus"]) != len(self.runners):  # type: ignore[arg-type]
+            raise SnapshotError("the snapshot's vCPU list does not match its configuration; the snapshot is damaged.")
+        try:
+            restore_vm(self.vm, vm_from_dict(state.get("vm")))
+            for runner, saved in zip(self.runners, state["vcpus"]):  # type: ignore[arg-type]
+                restore_vcpu(runner.vcpu, vcpu_from_dict(saved))
+        except (ValueError, KvmError) as e:
+            raise SnapshotError(f"KVM refused the snapshot's state ({e}); restore it on the same kind of host "
+                                "with the kvmkit that made it.") from None
+        devices = state.get("devices")
+        parts = self.state_parts()
+        if not isinstance(devices, dict) or set(devices) != set(parts):
+            raise SnapshotError("the snapshot's devices do not match its configuration; the snapshot is damaged.")
+        for name, part in parts.items():
+            part.load_state(devices[name])
+        if self.quirks is not None:
+            self.quirks.load_state(state.get("quirks", {}), [r.vcpu for r in self.runners])
+        self._watch_poweroff = bool(state.get("linux", False))
+        for part in parts.values():
+            resync = getattr(part, "resync", None)
+            if resync is not None:
+                resync()
+
     def start(self) -> None:
         """Start the host loop, the serial ports and the vCPU threads."""
         require_kick_handler()
+        self.started_at = time.time()
         if self.hvc is not None:
             self.hvc.start()  # it opens the backend COM1 may share
         for port in self.serial_ports:
@@ -353,6 +538,15 @@ class Machine:
                 pass
         return out
 
+    def stats_dict(self) -> dict[str, object]:
+        """The exit accounting as plain data (``kvmkit stats --json``, the control socket), current to the
+        last kick: call :meth:`kick_all` and wait a moment first for figures to the moment."""
+        return {
+            "vcpus": [st.as_dict() for st in self.exit_stats()],
+            "kvm": {str(k): v for k, v in self.in_kernel_stats().items()},
+            "ports": {p.name: p.counters.as_dict() for p in [*self.serial_ports, *([self.hvc] if self.hvc else [])]},
+        }
+
     def stats_table(self) -> str:
         lines = [format_exit_table(self.exit_stats(), self.in_kernel_stats())]
         lines += [s for s in (self.pio_bus.summary(), self.mmio_bus.summary()) if s]
@@ -390,6 +584,8 @@ class Machine:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        if self._snapshot is not None:
+            self._snapshot.close()
         self.kvm.close()
 
     def __enter__(self) -> "Machine":

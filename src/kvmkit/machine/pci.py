@@ -31,6 +31,7 @@ import threading
 from typing import Callable
 
 from ..devices.pci import PciBus, PciFunction, PciHostBridge
+from ..devices.state import StateError, StateReader
 from ..errors import KvmkitError
 from ..kvm.system import KvmError, Vm
 from .bus import Bus, BusConflict
@@ -114,6 +115,39 @@ class PciHost:
                 new = None
         for watcher in self._watchers.get(slot, ()):
             watcher(index, old, new)
+
+    # --- snapshot --------------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """CONFIG_ADDRESS and every function's configuration space, by slot (the host bridge too)."""
+        return {"bus": self.bus.save_state(),
+                "functions": {str(slot): fn.save_state() for slot, fn in sorted(self.bus.slots.items())}}
+
+    def load_state(self, state: object) -> None:
+        """Load the bus and its functions (the same devices in the same slots); :meth:`resync` maps them."""
+        r = StateReader(state, "the PCI bus", ("bus", "functions"))
+        functions = r.state["functions"]
+        slots = self.bus.slots
+        r.require(isinstance(functions, dict) and set(functions) == {str(s) for s in slots}, "functions",
+                  "it does not hold the devices this machine has")
+        backup = {slot: fn.save_state() for slot, fn in slots.items()}
+        try:
+            for slot, fn in slots.items():
+                fn.load_state(functions[str(slot)])  # type: ignore[index]
+            self.bus.load_state(r.state["bus"])
+        except StateError:
+            for slot, fn in slots.items():
+                fn.load_state(backup[slot])
+            raise
+
+    def resync(self) -> None:
+        """Map every BAR where the loaded configuration decodes it, tell the watchers, and drive INTx."""
+        for slot, fn in sorted(self.devices.items()):
+            for bar in fn.bars:
+                address = fn.bar_address(bar.index)
+                if address is not None:
+                    self._bar_changed(fn, slot, bar.index, None, address)
+            if fn.intx_asserted and fn.irq is not None:
+                fn.irq(True)
 
     def config_accesses(self) -> int:
         return self.bus.stats.config_accesses

@@ -27,9 +27,10 @@ import collections
 import logging
 import os
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..devices import pvclockevent as pv
+from ..devices.state import StateError, StateReader
 from ..host.loop import EventLoop
 from ..host.timerfd import TimerFd
 from ..kvm.constants import Cap
@@ -118,13 +119,16 @@ class KvmPvClockEventHost:
 class PvClockEvents:
     """Every vCPU's paravirtual clock event device on one machine."""
 
-    def __init__(self, vm: Vm, mem: GuestMemory, pc: PcMap, mmio_bus: Bus, loop: EventLoop, router: GsiRouter) -> None:
+    def __init__(self, vm: Vm, mem: GuestMemory, pc: PcMap, mmio_bus: Bus, loop: EventLoop, router: GsiRouter,
+                 guest_tsc: Callable[[], int] | None = None) -> None:
         ncpus = pc.config.cpus
         self.vm = vm
+        self.guest_tsc = guest_tsc  # the guest's TSC now (vCPU 0), for moving the clock offset at a restore
         self.loop = loop
         self.router = router
         self.closed = False
         tsc_khz = vm.get_tsc_khz()
+        self.tsc_khz = tsc_khz
         in_kernel_bell = bool(vm.check_extension(Cap.IOEVENTFD))
         self.hosts: list[KvmPvClockEventHost] = []
         for i in range(ncpus):
@@ -161,6 +165,65 @@ class PvClockEvents:
         if h.irqfd_gsi is None:
             self.vm.irqfd(h.irq_efd, gsi)
             h.irqfd_gsi = gsi
+
+    # --- snapshot ------------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """Each vCPU's device, with the host clock and the guest's TSC when they were read.
+
+        The pair lets a restore move each device's clock offset by what the
+        host clock gained over what the guest clock gained.
+        """
+        return {"host_ns": time.monotonic_ns(), "tsc": self.guest_tsc() if self.guest_tsc else 0,
+                "vcpus": [h.model.save_state() for h in self.hosts if h.model]}
+
+    def load_state(self, state: object) -> None:
+        """Load every vCPU's device, its clock offset moved to this host's clock; :meth:`resync` arms them.
+
+        A device's offset is host CLOCK_MONOTONIC minus the guest's clock.
+        Between the save and now the host clock moved by some amount (or
+        restarted, after a host reboot), while the guest clock moved by what
+        its TSC moved: nothing where KVM restores the TSC, the whole gap on a
+        host that cannot offset it (nested PVM runs the guest on the host's
+        TSC). The offset takes the difference, so an armed deadline expires
+        after the guest time it still had to run. A guest whose clock is not
+        its TSC re-syncs through SYNC/SYNC_END as it does at boot.
+        """
+        r = StateReader(state, "the PV clock event devices", ("host_ns", "tsc", "vcpus"))
+        saved_ns = r.take_int("host_ns", 0, pv.U64)
+        saved_tsc = r.take_int("tsc", 0, pv.U64)
+        saved = r.take_list("vcpus", len(self.hosts), min_len=len(self.hosts))
+        host_gain = time.monotonic_ns() - saved_ns
+        guest_gain = 0
+        if self.guest_tsc is not None and saved_tsc and self.tsc_khz:
+            guest_gain = (self.guest_tsc() - saved_tsc) * 1_000_000 // self.tsc_khz
+        shift = host_gain - guest_gain
+        rebased = []
+        for one in saved:
+            if not isinstance(one, dict) or type(one.get("delta")) is not int:
+                raise StateError("The saved state of the PV clock event device has no integer 'delta' field.")
+            one = dict(one, delta=one["delta"] + shift)
+            sync = one.get("sync_start")
+            if isinstance(sync, list) and len(sync) == 2 and type(sync[1]) is int:
+                one["sync_start"] = [sync[0], max(0, sync[1] + shift)]
+            rebased.append(one)
+        for h, one in zip(self.hosts, rebased):
+            assert h.model is not None
+            h.model.load_state(one)
+
+    def resync(self) -> None:
+        """Tell the host what the loaded devices want: their interrupt routes, armed timers and shared deadlines."""
+        for h in self.hosts:
+            m = h.model
+            assert m is not None
+            with m.lock:
+                if m.route is not None:
+                    self.set_route(h, m.route)
+                if m.armed_host_ns is not None:
+                    h.arm(m.armed_host_ns)
+            # A doorbell the host loop had not served when the state was saved
+            # is lost with the old process; the guest waits on a deadline it
+            # already handed over. Re-reading the shared block is idempotent.
+            m.doorbell()
 
     def close(self) -> None:
         """Release the fds (idempotent); call after the host loop has stopped."""

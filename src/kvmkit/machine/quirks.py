@@ -437,6 +437,26 @@ class NestedPvmQuirks:
             vcpu.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_SINGLESTEP)
         return True
 
+    def save_state(self) -> dict[str, object]:
+        """What a snapshot needs to carry: which vCPUs are mid-way through stepping over the handler.
+        (The watched handler itself is found again from the guest's IDT.)"""
+        return {"stepping": sorted(self._stepping)}
+
+    def load_state(self, state: object, vcpus: list[Vcpu]) -> None:
+        """Re-arm every vCPU of a restored machine as :meth:`on_kick` would, before it first runs:
+        a system call made before the first kick would otherwise fault unwatched."""
+        stepping = state.get("stepping", []) if isinstance(state, dict) else []
+        ids = {v.id for v in vcpus}
+        self._stepping = {i for i in stepping if isinstance(i, int) and i in ids} if isinstance(stepping, list) else set()
+        for vcpu in vcpus:
+            if vcpu.id in self._stepping:
+                self._stepping.discard(vcpu.id)
+                self.check_idt(vcpu)  # learn the handler; then go on with the step it was in
+                self._stepping.add(vcpu.id)
+                vcpu.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_SINGLESTEP)
+            else:
+                self.check_idt(vcpu)
+
     def summary(self) -> str:
         done = ", ".join(f"{k} {n}" for k, n in sorted(self.counters.completed.items())) or "none"
         return (f"quirks nested-pvm: instructions completed: {done}; system calls restarted: {self.counters.syscalls}; "
@@ -456,6 +476,12 @@ class NoQuirks:
 
     def cmdline_params(self) -> list[str]:
         return []
+
+    def save_state(self) -> dict[str, object]:
+        return {}
+
+    def load_state(self, state: object, vcpus: list[Vcpu]) -> None:
+        pass
 
     def summary(self) -> str:
         return ""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ..devices.state import StateError
 from ..devices.base import ByteRegisterDevice, IrqCallback
 from ..devices.uart16550 import FIFO_SIZE, IIR, IIR_NONE, LCR_DLAB, LSR, RBR, REGISTER_SPAN, THR, Uart16550
 from ..host.backends import Backend
@@ -175,6 +176,30 @@ class SerialPort:
     def host_note(self, text: str) -> None:
         """kvmkit's own words (Ctrl-A s statistics, help) into this port's output stream, in order."""
         self.stream.note(text)
+
+    # --- snapshot -------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """The UART's state and where the guest's handler stands; what waits in the host stream is not
+        the guest's any more (it is written out by this run, not by a restored one)."""
+        with self.lock:
+            return {"uart": self.uart.save_state(), "in_handler": self._in_handler}
+
+    def load_state(self, state: object) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("in_handler"), bool) or "uart" not in state:
+            raise StateError(f"{self.name}: the saved serial port state is damaged; take the snapshot again.")
+        with self.lock:
+            self.uart.load_state(state["uart"])
+            self._in_handler = state["in_handler"]
+
+    def resync(self) -> None:
+        """After a restore: the IRQ line as the UART drives it, and the timers its state asks for."""
+        with self.lock:
+            self._irq(self.uart.irq_level)
+            if self.uart.tx_pending():
+                self.loop.call_soon(self._drain_from_loop)
+            if self.uart.cti_armed and self._cti is None:
+                self._cti = _PENDING
+                self.loop.call_soon(self._arm_cti)
 
     # --- host side (loop thread) ----------------------------------------------
     def start(self) -> None:

@@ -90,6 +90,9 @@ class StreamCounters:
     dropped_unconnected: int = 0  # oldest output dropped while no client was connected (said to the next one)
     lost_bytes: int = 0        # output a failing host end could not take (said once when it happened)
 
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
     def summary(self, name: str) -> str:
         """One line for ``--stats``: how the bytes crossed to and from the host."""
         per_kib = f" ({self.host_writes * 1024 / self.host_bytes_out:.1f} writes per KiB)" if self.host_bytes_out else ""

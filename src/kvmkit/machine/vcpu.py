@@ -204,6 +204,14 @@ class VcpuRunner:
                     if lifecycle.stopping:
                         return None
                     flush()  # so that statistics read while the VM runs are current
+                    if lifecycle.pausing:
+                        # KVM_RUN returned through immediate_exit, so an I/O exit
+                        # handled just before is complete: a clean point to stop at.
+                        lifecycle.park(self)
+                        if lifecycle.stopping:
+                            return None
+                        t_exit = clock()  # the time parked is neither guest nor handler time
+                        continue
                     for kick_hook in self.kick_hooks:
                         kick_hook(vcpu)
                     continue

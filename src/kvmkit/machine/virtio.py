@@ -22,13 +22,17 @@ The device models and the transport registers are pure
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
+from typing import Iterator
 
 from ..devices.msix import Msix
 from ..devices.pci import PciFunction
+from ..devices.state import StateError, StateReader
+from ..devices.virtio import DRIVER_OK
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.pci import PCI_CAP_ID_VNDR, VIRTIO_PCI_CAP_PCI_CFG, VirtioPciTransport
 from ..host.loop import EventLoop
@@ -127,6 +131,7 @@ class VirtioPciDevice:
             self.function.add_capability(PCI_CAP_ID_VNDR, cap.body, handler=live)
         self.msix_table.add_to(self.function)
         self.kick_errors = 0
+        self._serving = threading.Lock()  # held while a kick is served; a snapshot holds it to find the device idle
         self._efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(device.num_queues)]
         self._notify_len = 0 if vm.check_extension(Cap.IOEVENTFD_ANY_LENGTH) else 2
         self._bound_at: int | None = None
@@ -154,11 +159,59 @@ class VirtioPciDevice:
     # --- notifies ------------------------------------------------------------------------
     def kick(self, queue: int) -> None:
         """Serve a kick of ``queue`` (worker thread or host loop)."""
+        with self._serving:
+            try:
+                self.transport.queue_notify(queue)
+            except Exception:  # a model bug must not take the serving thread down
+                self.kick_errors += 1
+                log.exception("%s: queue %d kick failed", self.name, queue)
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """No request of this device is being served while inside (kicks that come meanwhile wait).
+
+        Only a device with a worker thread needs it: one served by the host
+        loop is idle whenever code runs on the loop, which is where a
+        snapshot is taken (and holding its lock there would deadlock).
+        """
+        if self.worker is None:
+            yield
+            return
+        with self._serving:
+            yield
+
+    # --- snapshot ------------------------------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """The transport (queues and device included) and the MSI-X table; the PCI host saves the function.
+
+        Call it with the device :meth:`quiesced`: a request half served would
+        be in neither the rings nor the device.
+        """
+        return {"transport": self.transport.save_state(), "msix": self.msix_table.save_state()}
+
+    def load_state(self, state: object) -> None:
+        r = StateReader(state, f"the virtio device {self.name}", ("transport", "msix"))
+        backup = self.msix_table.save_state()
+        self.msix_table.load_state(r.state["msix"])  # type: ignore[arg-type]
         try:
-            self.transport.queue_notify(queue)
-        except Exception:  # a model bug must not take the serving thread down
-            self.kick_errors += 1
-            log.exception("%s: queue %d kick failed", self.name, queue)
+            self.transport.load_state(r.state["transport"])  # type: ignore[arg-type]
+        except StateError:
+            self.msix_table.load_state(backup)
+            raise
+
+    def resync(self) -> None:
+        """Route every open MSI-X vector, and look at every queue once (a kick may have been lost at the save).
+
+        The notify ioeventfds follow BAR 4, which the PCI host re-maps first.
+        The re-kick goes through the queue's own eventfd, so it is served
+        where kicks always are (worker thread or host loop), never here.
+        """
+        for vector in range(self.msix_table.vectors):
+            entry = self.msix_table.entry(vector)
+            self.msix_host.route_changed(vector, entry.address, entry.data, entry.masked)
+        if self.transport.status & DRIVER_OK:
+            for fd in self._efds:
+                os.eventfd_write(fd, 1)
 
     def _bar_moved(self, index: int, old: int | None, new: int | None) -> None:
         """BAR 4 decodes somewhere else (or nowhere): move the notify ioeventfds with it."""

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Snapshot and restore against a cold boot, side by side in one run.
+
+Bundled guest, for each memory size (default 256M and 1G), ``rounds`` times:
+
+  cold      construct, load and start a VM, until its shell answers a command
+  snapshot  ``VirtualMachine.snapshot`` of that VM at its shell: pause, device
+            and KVM state, memory (only pages the guest touched are written)
+  restore   ``VirtualMachine.restore`` of the snapshot and start, until the
+            restored shell answers a command
+
+Figures: seconds (median), restore / cold, snapshot bytes of memory data and
+blocks on disk, and whether restore time stays flat when memory grows (it
+maps the memory files; it does not read them).
+
+``--linux`` adds the stock Debian kernel with the busybox initramfs (cached
+after its first download; several minutes): cold boot to its shell prompt
+against restore to an answered ``uname -r``, one round.
+
+    python3 benchmarks/snapshot.py [--mem 256M,1G] [--rounds R] [--linux] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from kvmkit import VirtualMachine  # noqa: E402
+
+
+def _answer(vm: VirtualMachine, tag: str, timeout: float) -> None:
+    vm.console.send(f"echo {tag}\n")
+    vm.console.wait_for(f"{tag}\r\n", timeout)
+
+
+def disk_bytes(directory: Path) -> int:
+    """Blocks the snapshot holds on disk (sparse memory files count what they use)."""
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir())
+
+
+def bundled_round(mem: str, work: Path) -> dict[str, Any]:
+    snap = work / f"snap-{mem}"
+    shutil.rmtree(snap, ignore_errors=True)
+    t0 = time.monotonic()
+    vm = VirtualMachine(script="echo ready; shell", mem=mem)
+    try:
+        vm.start()
+        vm.console.wait_for("ready", 60)
+        _answer(vm, "cold-answer", 60)
+        cold = time.monotonic() - t0
+        taken = vm.snapshot(snap)
+    finally:
+        vm.close()
+    t0 = time.monotonic()
+    vm = VirtualMachine.restore(snap)
+    try:
+        t_built = time.monotonic() - t0
+        vm.start()
+        _answer(vm, "restored-answer", 60)
+        restore = time.monotonic() - t0
+    finally:
+        vm.close()
+    return {"cold_s": cold, "snapshot_s": taken["total_s"], "pause_s": taken["pause_s"],
+            "state_s": taken["state_s"], "memory_s": taken["memory_s"], "restore_s": restore,
+            "restore_build_s": t_built, "memory_bytes": taken["memory_bytes"],
+            "state_bytes": taken["state_bytes"], "disk_bytes": disk_bytes(snap)}
+
+
+def linux_round(work: Path) -> dict[str, Any]:
+    from kvmkit.boot.fetch import stock_kernel
+    from kvmkit.boot.initramfs import busybox_initramfs
+    kernel = stock_kernel()  # cached after the first download
+    initrd = work / "initrd.img"
+    initrd.write_bytes(busybox_initramfs())
+    snap = work / "snap-linux"
+    shutil.rmtree(snap, ignore_errors=True)
+    t0 = time.monotonic()
+    vm = VirtualMachine(kernel=kernel, initrd=initrd)
+    try:
+        vm.start()
+        vm.console.wait_for("# ", 600)
+        cold = time.monotonic() - t0
+        vm.console.send("uname -r\n")
+        release = vm.console.wait_for("amd64", 120).strip().splitlines()[-1]
+        taken = vm.snapshot(snap)
+    finally:
+        vm.close()
+    t0 = time.monotonic()
+    vm = VirtualMachine.restore(snap)
+    try:
+        vm.start()
+        vm.console.send("uname -r\n")
+        vm.console.wait_for("amd64", 120)
+        restore = time.monotonic() - t0
+    finally:
+        vm.close()
+    return {"release": release, "cold_to_prompt_s": cold, "snapshot_s": taken["total_s"],
+            "restore_to_uname_s": restore, "cold_over_restore": cold / restore,
+            "memory_bytes": taken["memory_bytes"], "disk_bytes": disk_bytes(snap)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mem", default="256M,1G", help="guest memory sizes, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--linux", action="store_true", help="also the stock kernel: cold boot against restore")
+    ap.add_argument("--json", type=Path, help="write all rounds here too")
+    args = ap.parse_args()
+    sizes = [m.strip() for m in args.mem.split(",") if m.strip()]
+    result: dict[str, Any] = {"rounds": {}, "median": {}}
+    with tempfile.TemporaryDirectory(prefix="kvmkit-snapbench-", dir=os.environ.get("TMPDIR")) as tmp:
+        work = Path(tmp)
+        for _ in range(args.rounds):
+            for mem in sizes:  # interleaved: the sizes see the same host noise
+                result["rounds"].setdefault(mem, []).append(bundled_round(mem, work))
+        for mem, rounds in result["rounds"].items():
+            med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            med["restore_over_cold"] = statistics.median(r["restore_s"] / r["cold_s"] for r in rounds)
+            result["median"][mem] = med
+        if len(sizes) > 1:
+            first, last = result["median"][sizes[0]], result["median"][sizes[-1]]
+            result["restore_growth"] = last["restore_s"] / first["restore_s"]
+        if args.linux:
+            result["linux"] = linux_round(work)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=1))
+    print(f"\nbundled guest, median of {args.rounds} (seconds; bytes of memory data / on disk):")
+    print(f"{'mem':>5} {'cold':>7} {'snapshot':>9} {'pause':>7} {'restore':>8} {'rest/cold':>9} {'mem data':>10} {'on disk':>10}")
+    for mem, m in result["median"].items():
+        print(f"{mem:>5} {m['cold_s']:7.3f} {m['snapshot_s']:9.3f} {m['pause_s']:7.4f} {m['restore_s']:8.3f} "
+              f"{m['restore_over_cold']:9.2f} {m['memory_bytes']:10d} {m['disk_bytes']:10d}")
+    if "restore_growth" in result:
+        print(f"restore time {sizes[-1]} / {sizes[0]}: {result['restore_growth']:.2f}x")
+    if "linux" in result:
+        lx = result["linux"]
+        print(f"\nstock kernel {lx['release']}: cold boot to the prompt {lx['cold_to_prompt_s']:.1f} s, "
+              f"restore to an answered uname -r {lx['restore_to_uname_s']:.2f} s "
+              f"({lx['cold_over_restore']:.0f}x); snapshot {lx['snapshot_s']:.2f} s, "
+              f"{lx['memory_bytes'] / 2**20:.1f} MiB of memory data")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
