@@ -9,7 +9,6 @@ and a silent skip would hide a broken VMM.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
@@ -91,41 +90,3 @@ def busybox_initrd(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("initrd") / "initrd.img"
     path.write_bytes(data)
     return path
-
-
-@pytest.fixture(scope="session")
-def linux_snapshot(stock_bzimage, busybox_initrd, tmp_path_factory: pytest.TempPathFactory):
-    """The stock kernel booted once per test session to its busybox shell, saved as a snapshot there.
-
-    The pattern for tests that need a running Linux and not its boot:
-    boot once (minutes on an emulating host), snapshot at the prompt, and
-    give each test a fresh copy (:func:`linux_vm`, well under a second each).
-    """
-    from kvmkit.api import VirtualMachine
-    snap = tmp_path_factory.mktemp("linux") / "at-shell"
-    with VirtualMachine(kernel=stock_bzimage, initrd=busybox_initrd, mem="128M",
-                        append="console=ttyS0 earlyprintk=serial,ttyS0,115200") as vm:
-        vm.console.wait_for("Run /init as init process", 600)
-        vm.console.send("\n")
-        vm.console.wait_for(re.compile(rb"\n[^\n]*# "), 300)
-        vm.snapshot(snap)
-        vm.stop(0)
-    return snap
-
-
-@pytest.fixture
-def linux_vm(linux_snapshot):
-    """A factory: each call restores a fresh, started copy of the booted stock kernel (closed after the test)."""
-    from kvmkit.api import VirtualMachine
-    vms = []
-
-    def make():
-        vm = VirtualMachine.restore(linux_snapshot).start()
-        vms.append(vm)
-        return vm
-
-    yield make
-    for vm in vms:
-        if vm.status is None:
-            vm.stop(0)
-        vm.close()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -140,3 +141,14 @@ def finish_kvmkit(proc: subprocess.Popen[bytes], master: int, ms: Milestones,
     for name, t in ms.times.items():
         record_property(f"milestone {name}", f"{t:.1f}")
     return stderr
+
+
+@dataclass(frozen=True)
+class LinuxSnapshot:
+    """The stock kernel saved at its shell by `kvmkit snapshot`, and what the boot before it measured."""
+
+    path: Path
+    env: dict[str, str]        # XDG_RUNTIME_DIR of the run that made it
+    boot_to_prompt_s: float    # cold boot, first KVM_RUN to the shell prompt (host seconds)
+    snapshot_s: float          # `kvmkit snapshot NAME -o DIR`, as the CLI took it
+    count: int                 # the guest's background counter (/tmp/count) just before the snapshot

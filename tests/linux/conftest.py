@@ -1,14 +1,24 @@
-"""Fixtures for booting the stock Debian kernel with modules: a virtio initramfs and pvce.ko (the kernel,
-the busybox initramfs and the booted-guest snapshot are in tests/conftest.py)."""
+"""Fixtures for the stock Debian kernel: a virtio initramfs, pvce.ko, and one boot saved as a snapshot
+that tests restore instead of booting (the kernel and the busybox initramfs are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from kvmkit.boot.initramfs import busybox_initramfs
+from kvmkit.api import VirtualMachine
 from kvmkit.errors import BootError
+
+from _boot import REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +52,55 @@ def pvce_ko(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = subprocess.run(["make", f"KDIR={kdir}"], cwd=build, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return build / "pvce.ko"
+
+
+@pytest.fixture(scope="session")
+def linux_snapshot(stock_bzimage: Path, busybox_initrd: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> LinuxSnapshot:
+    """The stock kernel booted once per test session with `kvmkit run --name`, saved at its shell.
+
+    Boot once (minutes on an emulating host) and give each test a restored
+    copy (seconds): the pattern for tests that need a running Linux and not
+    its boot. Before the snapshot the guest writes /tmp/snapfile and starts
+    a shell loop that counts into /tmp/count once a guest second.
+    """
+    work = tmp_path_factory.mktemp("linux")
+    (work / "run").mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(work / "run"))
+    snap = work / "at-shell"
+    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd, "--name", "snapfixture", env=env)
+    try:
+        t_prompt = ms.wait("shell prompt", re.compile(rb"\n[^\n]*[#$] "), 300)
+        ms.run("echo kept-in-ram > /tmp/snapfile", 60, "write a file")
+        os.write(master, b"(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done) &\r")
+        count = 0
+        deadline = time.monotonic() + 120
+        while count < 1 and time.monotonic() < deadline:
+            count = int(ms.run("cat /tmp/count 2>/dev/null || echo 0", 60, "count") or 0)
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "kvmkit", "snapshot", "snapfixture", "-o", str(snap)],
+                              env=dict(env, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True, timeout=300)
+        t_snapshot = time.monotonic() - t0
+        assert done.returncode == 0, done.stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        finish_kvmkit(proc, master, ms, lambda name, value: None)
+    return LinuxSnapshot(snap, env, t_prompt, t_snapshot, count)
+
+
+@pytest.fixture
+def linux_vm(linux_snapshot: LinuxSnapshot) -> Iterator[Callable[[], VirtualMachine]]:
+    """A factory: each call restores a fresh, started copy of the booted stock kernel (closed after the test)."""
+    vms: list[VirtualMachine] = []
+
+    def make() -> VirtualMachine:
+        vm = VirtualMachine.restore(linux_snapshot.path).start()
+        vms.append(vm)
+        return vm
+
+    yield make
+    for vm in vms:
+        if vm.status is None:
+            vm.stop(0)
+        vm.close()

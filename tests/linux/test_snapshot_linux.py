@@ -1,67 +1,38 @@
 """The stock Debian kernel snapshotted at its shell and restored, through the command line.
 
-Booted with `kvmkit run --name`, the guest writes a file to its RAM root and
-starts a shell loop that counts; `kvmkit snapshot NAME -o DIR` saves it and
-the VM is killed. `kvmkit run --restore DIR` then continues it: the file is
+The session fixture (tests/linux/conftest.py) boots it with `kvmkit run
+--name`; the guest writes a file to its RAM root and starts a shell loop
+that counts; `kvmkit snapshot NAME -o DIR` saves it and the VM is killed.
+`kvmkit run --restore DIR` then continues it: the file is
 there, the counter goes on from where it was (not from zero, not from a
 reboot), `uname -r` answers, and the restore takes a small fraction of the
 cold boot (both printed, and the restore to the answered `uname -r` asserted
 under 20 s: the goal is under 1 s, benchmarks/snapshot.py measures it).
 
-A second test uses the session snapshot fixture (tests/linux/conftest.py):
-two fresh copies of one booted guest, each its own.
+A second test restores two fresh copies of that one boot through the API:
+each is its own.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from kvmkit.api import VirtualMachine
 
-from _boot import REPO, finish_kvmkit, start_kvmkit, start_kvmkit_argv
+from _boot import LinuxSnapshot, finish_kvmkit, start_kvmkit_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
-PROMPT = re.compile(rb"\n[^\n]*[#$] ")
-
-
-def _kvmkit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvmkit", *args], env=dict(env, PYTHONPATH=str(REPO / "src")),
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_snapshot_at_the_shell_and_restore_with_the_cli(stock_bzimage: Path, busybox_initrd: Path, tmp_path: Path,
-                                                         record_property: Callable[[str, object], None]) -> None:
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path / "run"))
-    (tmp_path / "run").mkdir(mode=0o700)
-    snap = tmp_path / "snap"
-    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd, "--name", "snaptest", env=env)
-    try:
-        t_prompt = ms.wait("shell prompt", PROMPT, 300)
-        ms.run("echo kept-in-ram > /tmp/snapfile", 60, "write a file")
-        os.write(master, b"(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done) &\r")
-        ms.run("sleep 3", 60, "let it count")
-        before = int(ms.run("cat /tmp/count", 60, "count before"))
-        t0 = time.monotonic()
-        done = _kvmkit(env, "snapshot", "snaptest", "-o", str(snap))
-        t_snapshot = time.monotonic() - t0
-        assert done.returncode == 0, done.stderr
-        after_snapshot = int(ms.run("cat /tmp/count", 60, "count after"))
-        assert after_snapshot >= before
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        finish_kvmkit(proc, master, ms, record_property)
-
+def test_restore_with_the_cli_goes_on_from_the_snapshot(linux_snapshot: LinuxSnapshot,
+                                                        record_property: Callable[[str, object], None]) -> None:
+    snap, env, before = linux_snapshot.path, linux_snapshot.env, linux_snapshot.count
+    t_prompt, t_snapshot = linux_snapshot.boot_to_prompt_s, linux_snapshot.snapshot_s
     proc, master, ms = start_kvmkit_argv(["--restore", str(snap), "--stats"], env)
     try:
         os.write(master, b"\r")
