@@ -38,6 +38,8 @@ static int cmd_help(int argc, char **argv)
 	(void)argc, (void)argv;
 	for (c = commands; c->name; c++)
 		printf("  %-14s %s\n", c->name, c->help);
+	printf("A script (kvmkit run cmd1 args; cmd2 ...) stops at the first command that fails\n"
+	       "and ends the VM with its status; '-cmd' lets cmd fail and goes on.\n");
 	return 0;
 }
 
@@ -270,7 +272,7 @@ int cmd_virtio_console_test(int argc, char **argv);
 int cmd_virtio_rng_test(int argc, char **argv);
 
 const struct command commands[] = {
-	{ "help", "list commands", cmd_help },
+	{ "help", "list commands and how scripts run", cmd_help },
 	{ "echo", "<words>: print the words", cmd_echo },
 	{ "poweroff", "[status]: end the VM with status (port 0x501)", cmd_poweroff },
 	{ "reboot", "reset through the i8042, else triple fault", cmd_reboot },

@@ -135,7 +135,38 @@ static char *find_script(char *s)
 	return NULL;
 }
 
-/* Run the ';'-separated script; returns 1 when its last command is "shell". */
+/*
+ * A "-" before a command (as in make) lets it fail: the script goes on.
+ * Skips the "-" and the blanks after it; returns whether there was one.
+ */
+static int strip_ignore(char **cmd)
+{
+	char *p = *cmd;
+
+	while (is_space(*p))
+		p++;
+	if (*p != '-')
+		return 0;
+	p++;
+	while (is_space(*p))
+		p++;
+	*cmd = p;
+	return 1;
+}
+
+/* A command's status as a VM exit status: 1-255 as they are, anything else 1. */
+static int exit_status(int status)
+{
+	return status > 0 && status <= 255 ? status : 1;
+}
+
+/*
+ * Run the ';'-separated script the way `sh -e` runs one: the first command
+ * that fails ends the VM with its status, so `kvmkit run` exits with it and
+ * nothing after a failed step runs on a broken state or hides the failure.
+ * A command written "-cmd" may fail; its status is reported and the script
+ * goes on. Returns 1 when the last command is "shell".
+ */
 static int run_script(char *script)
 {
 	static char buf[CMDLINE_MAX];
@@ -144,7 +175,7 @@ static int run_script(char *script)
 
 	while (cmd) {
 		char *argv[1];
-		int status;
+		int status, ignore;
 
 		end = cmd;
 		while (*end && *end != ';')
@@ -153,18 +184,29 @@ static int run_script(char *script)
 			*end++ = 0;
 		else
 			end = NULL;
+		while (is_space(*cmd))
+			cmd++;
+		if (!*cmd) {
+			cmd = end;
+			continue;
+		}
+		printf("+ %s\n", cmd);
+		ignore = strip_ignore(&cmd);
 		memcpy(buf, cmd, strlen(cmd) + 1);
-		if (split(buf, argv, 1) == 0) {
+		if (split(buf, argv, 1) == 0) {		/* a lone "-" */
 			cmd = end;
 			continue;
 		}
 		last_is_shell = !strcmp(argv[0], "shell");
-		while (is_space(*cmd))
-			cmd++;
-		printf("+ %s\n", cmd);
 		status = run_line(cmd);
-		if (status)
-			printf("'%s' failed with status %d\n", argv[0], status);
+		if (status && ignore) {
+			printf("'%s' failed with status %d (ignored: it has a '-')\n", argv[0], status);
+		} else if (status) {
+			status = exit_status(status);
+			printf("'%s' failed with status %d, so the script stops "
+			       "(write '-%s' to let it fail)\n", argv[0], status, argv[0]);
+			poweroff(status);
+		}
 		cmd = end;
 	}
 	return last_is_shell;
@@ -212,12 +254,15 @@ static void read_line(char *buf, int size)
 static void shell(void)
 {
 	static char line[256];
+	char *cmd;
 
 	printf("type 'help' for commands\n");
 	for (;;) {
 		puts_raw("kvmkit> ");
 		read_line(line, sizeof(line));
-		run_line(line);
+		cmd = line;
+		strip_ignore(&cmd);	/* a script line pasted here: failures never end the shell */
+		run_line(cmd);
 	}
 }
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +21,14 @@ from kvmkit.boot.linux import (
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
+    check_initrd,
     load_linux,
 )
 from kvmkit.errors import BootError
 from kvmkit.memory import GiB, GuestMemory, MiB
 
 CMDLINE = "console=ttyS0 nokaslr"
+CPIO = b"070701"  # the newc magic: enough for the loader to take the bytes as an initramfs
 
 
 @pytest.fixture
@@ -53,7 +59,7 @@ def _walk(mem: GuestMemory, cr3: int, va: int) -> int:
 
 
 def test_stock_kernel_load(mem256, stock_image, stock_parsed) -> None:
-    initrd = bytes(range(256)) * 1000
+    initrd = CPIO + bytes(range(256)) * 1000
     info = load_linux(mem256, stock_image, initrd, CMDLINE)
     assert info.kernel_format == "bzImage" and info.compression == "xz"
     assert info.kernel_version.startswith("6.1.")
@@ -115,19 +121,19 @@ def test_gb_pages_map_all_ram() -> None:
 
 def test_bundled_style_elf(mem16, make_elf) -> None:
     mem16.fill(0x200000, 0x3000, 0xAA)
-    info = load_linux(mem16, make_elf(), b"initrd!", "quiet")
+    info = load_linux(mem16, make_elf(), CPIO + b"initrd!", "quiet")
     assert info.kernel_format == "elf" and info.compression is None
     assert info.rip == 0x200000
     assert mem16.read(0x200000, 16) == b"\xf4" * 16 and mem16.read(0x200010, 16) == b"\0" * 16
     bp = mem16.read(info.rsi, 4096)
     assert struct.unpack_from("<H", bp, 0x1FE)[0] == 0xAA55
     assert bp[0x202:0x206] == b"HdrS" and struct.unpack_from("<H", bp, 0x206)[0] == 0x020F
-    assert mem16.read(info.initrd_addr, 7) == b"initrd!"
-    assert info.initrd_addr + 7 <= 16 * MiB and info.initrd_addr >= info.kernel_end
+    assert mem16.read(info.initrd_addr, 13) == CPIO + b"initrd!"
+    assert info.initrd_addr + 13 <= 16 * MiB and info.initrd_addr >= info.kernel_end
 
 
 def test_placements_do_not_overlap(mem256, make_bzimage) -> None:
-    info = load_linux(mem256, make_bzimage(), b"x" * 10000, "a=b")
+    info = load_linux(mem256, make_bzimage(), CPIO + b"x" * 10000, "a=b")
     spans = sorted(info.placements, key=lambda p: p[1])
     for (n1, s1, l1), (n2, s2, l2) in zip(spans, spans[1:]):
         assert s1 + l1 <= s2, (n1, n2)
@@ -178,8 +184,60 @@ def test_initrd_too_large(mem16, make_bzimage) -> None:
         load_linux(mem16, make_bzimage(), b"\0" * (12 * MiB), "")
 
 
+def test_a_file_that_is_no_initramfs_is_refused_in_one_sentence(mem16, make_elf) -> None:
+    with pytest.raises(BootError) as info:
+        load_linux(mem16, make_elf(), b"root:x:0:0:root:/root:/bin/bash\n" * 40, "", initrd_name="/etc/passwd")
+    msg = str(info.value)
+    assert msg.startswith("/etc/passwd is not an initramfs (neither a cpio archive nor a compressed one); ")
+    assert "kvmkit initramfs" in msg and msg.count(". ") == 0 and msg.endswith(".")
+    with pytest.raises(BootError, match="^the initrd is empty; build one with `kvmkit initramfs`"):
+        load_linux(mem16, make_elf(), b"", "")
+
+
+@pytest.mark.parametrize("head", [
+    b"070701", b"070702", b"070707", b"\xc7\x71", b"\x71\xc7",                      # cpio newc, crc, odc, binary
+    b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x02\x21\x4c\x18",    # gzip, xz, zstd, lz4 legacy
+    b"\x04\x22\x4d\x18", b"BZh9", b"\x5d\x00\x00\x80\x00", b"\x89LZO\x00",          # lz4 frame, bzip2, lzma, lzop
+    b"\0" * 512 + b"070701",                                                        # zero padding, as Linux skips it
+])
+def test_cpio_and_compressed_initrds_are_taken(head: bytes) -> None:
+    check_initrd(head + b"\x01" * 100)
+
+
+@pytest.mark.kvm
+def test_run_with_a_text_file_as_initrd_is_one_sentence(tmp_path: Path, make_bzimage) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    p = subprocess.run([sys.executable, "-m", "kvmkit", "run", "-m", "64M", "-k", str(kernel), "-i", "/etc/passwd"],
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")},
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("kvmkit: "), (p.stdout, p.stderr)
+    assert "is not an initramfs (neither a cpio archive nor a compressed one); build one with `kvmkit initramfs`" in lines[0]
+
+
+def test_old_style_initrd_filesystem_images_are_taken() -> None:
+    for image in (b"-rom1fs-", b"hsqs", b"\x45\x3d\xcd\x28", bytes(1080) + b"\x53\xef"):  # romfs, squashfs, cramfs, ext2
+        check_initrd(image + bytes(1024))
+
+
+def test_the_real_initramfs_writer_output_is_taken() -> None:
+    from kvmkit.boot.initramfs import file, write_cpio
+    check_initrd(write_cpio([file("init", b"#!/bin/sh\n")]))
+    check_initrd(write_cpio([file("init", b"#!/bin/sh\n")], compress=True))
+
+
+@pytest.mark.parametrize("data", [
+    b"#!/bin/sh\necho hi\n", b"\x7fELF\x02\x01\x01" + bytes(100), b"MZ" + bytes(600), b"\0" * 4096,
+    b"07070",  # a cut-off magic
+])
+def test_other_files_are_not_initramfs(data: bytes) -> None:
+    with pytest.raises(BootError, match="is (not an initramfs|empty)"):
+        check_initrd(data)
+
+
 def test_initrd_respects_initrd_addr_max(mem256, make_bzimage) -> None:
-    info = load_linux(mem256, make_bzimage(initrd_addr_max=0x1FFFFFF), b"r" * 5000, "")
+    info = load_linux(mem256, make_bzimage(initrd_addr_max=0x1FFFFFF), CPIO + b"r" * 4994, "")
     assert info.initrd_addr + 5000 <= 0x2000000
     assert info.initrd_addr == (0x2000000 - 5000) & ~0xFFF
 

@@ -78,8 +78,18 @@ def test_hash_ignores_build_outputs(src_copy):
 
 def test_missing_tools_is_a_clear_error(cache, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(KvmkitError, match=r"apt-get install build-essential"):
+    with pytest.raises(KvmkitError, match=r"apt-get install build-essential") as info:
         bundled.bundled_guest()
+    assert "because make, gcc and ld are missing; install" in str(info.value)
+    assert str(info.value).endswith(".") and "\n" not in str(info.value)
+
+
+def test_one_missing_tool_is_singular(cache, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "ld" else f"/usr/bin/{name}")
+    with pytest.raises(KvmkitError, match=r"because ld is missing; install gcc, binutils and make"):
+        bundled.bundled_guest()
+    assert bundled.missing_tools_message(["make", "gcc"]).startswith(
+        "cannot build the bundled guest because make and gcc are missing;")
 
 
 @needs_toolchain

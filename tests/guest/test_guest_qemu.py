@@ -126,11 +126,29 @@ def test_unexpected_exception_reports_and_exits_3():
     assert rc == qemu_status(3)
 
 
-def test_unknown_command_is_reported_and_script_goes_on():
-    rc, out = boot("frobnicate; echo next")
+def test_unknown_command_stops_the_script_with_status_127():
+    rc, out = boot("echo first; frobnicate; echo next")
+    assert "\nfirst\n" in out
     assert "unknown command 'frobnicate'" in out
+    assert "'frobnicate' failed with status 127, so the script stops" in out
+    assert "+ echo next" not in out and "\nnext\n" not in out
+    assert rc == qemu_status(127), out
+
+
+def test_a_failing_command_stops_the_script_with_its_status():
+    rc, out = boot("poweroff 999; echo next")     # a usage error: status 2
+    assert "usage: poweroff" in out
+    assert "\nnext\n" not in out
+    assert rc == qemu_status(2), out
+
+
+def test_a_dash_lets_a_command_fail_and_the_script_goes_on():
+    rc, out = boot("-frobnicate; - poweroff 999; echo next")
+    assert "+ -frobnicate\n" in out and "unknown command 'frobnicate'" in out
+    assert "'frobnicate' failed with status 127 (ignored" in out
+    assert "'poweroff' failed with status 2 (ignored" in out
     assert "\nnext\n" in out
-    assert rc == qemu_status(0)
+    assert rc == qemu_status(0), out
 
 
 def test_triple_fault_resets_the_machine():

@@ -1,6 +1,7 @@
 """Guest/host intervals and the report, checked against the seed mail's own reading."""
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -232,3 +233,64 @@ def test_real_nested_kvm_capture() -> None:
     assert a.activity.accesses == {"pio": {"write 0x3f8": 20}}
     assert a.activity.userspace_exits == {"KVM_EXIT_IO": 20, "KVM_EXIT_HLT": 1}
     assert trace_report.to_json(a)["intervals_available"] is False
+
+
+def _nested_busy_trace() -> str:
+    """A kvm_pvm-style capture: 1 ms of emulated instructions, a port write every 10th, an exit every 50th."""
+    lines = ["# tracer: nop"]
+    for i in range(200):
+        ts = f"100.{i * 5:06d}"
+        lines.append(f"     python3-4242    [001] .....   {ts}: kvm_emulate_insn: 0:fff0:ee (real)")
+        if i % 10 == 0:
+            lines.append(f"     python3-4242    [001] .....   {ts}: kvm_pio: pio_write at 0x3f8 size 1 count 1 val 0x41")
+        if i % 50 == 0:
+            lines.append(f"     python3-4242    [001] .....   {ts}: kvm_userspace_exit: reason KVM_EXIT_IO (2)")
+    return "\n".join(lines) + "\n"
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _bars(root: ET.Element) -> dict[str, int]:
+    """Events per row name, read back from the bars' <title>s."""
+    out: dict[str, int] = {}
+    for rect in root.iter(f"{SVG}rect"):
+        title = rect.find(f"{SVG}title")
+        if title is not None and title.text and re.search(r": \d+ events? in ", title.text):
+            name, rest = title.text.split(": ", 1)
+            out[name] = out.get(name, 0) + int(rest.split()[0])
+    return out
+
+
+def test_plot_without_entry_exit_draws_event_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "nested.trace"
+    trace.write_text(_nested_busy_trace())
+    svg = tmp_path / "rates.svg"
+    assert trace_cli.report_main([str(trace), "--plot", str(svg)]) == 0
+    err = capsys.readouterr().err
+    assert "kvmkit: wrote event rates over time" in err and err.rstrip().endswith(f"to {svg}"), err
+    root = ET.parse(svg).getroot()
+    assert _bars(root) == {"kvm_emulate_insn": 200, "kvm_pio": 20, "kvm_userspace_exit": 4}
+    labels = [t.text for t in root.iter(f"{SVG}text")]
+    assert "kvm_emulate_insn" in labels and "kvm_userspace_exit" in labels
+    # 200 instructions over 995 µs: 100 slots of 9.95 µs hold 2 each, i.e. about 201,005/s
+    assert any(t and t.startswith("200 (peak 201,005/s)") for t in labels), labels
+
+
+def test_rate_plot_folds_rare_names_into_other_and_handles_one_instant() -> None:
+    events = [ftrace.Event(ts=1000, name=f"ev{i:02d}", info="") for i in range(20) for _ in range(20 - i)]
+    root = ET.fromstring(svgplot.render_rates_svg(events, max_rows=5))
+    bars = _bars(root)
+    assert bars["ev00"] == 20 and "ev05" not in bars
+    assert bars["other (16 names)"] == sum(20 - i for i in range(4, 20))
+    assert sum(bars.values()) == len(events)
+
+
+def test_plot_of_a_trace_with_intervals_is_still_the_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    svg = tmp_path / "t.svg"
+    assert trace_cli.report_main([str(FIXTURES / "seed_trace.txt"), "--plot", str(svg)]) == 0
+    assert f"kvmkit: wrote the guest/host timeline to {svg}" in capsys.readouterr().err
+    root = ET.parse(svg).getroot()
+    assert [r.get("fill") for r in root.iter(f"{SVG}rect")].count(svgplot.HOST_COLOR) == 2
+    empty = ET.fromstring(svgplot.render_svg(analyze("").timeline, trace=ftrace.parse("")))
+    assert any("No events in this trace" in (t.text or "") for t in empty.iter(f"{SVG}text"))

@@ -81,13 +81,22 @@ def source_hash(src: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _and_list(words: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: how a sentence lists names."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def missing_tools_message(missing: list[str]) -> str:
+    """The one sentence for build tools that are not on PATH (grammar follows the count)."""
+    verb = "is" if len(missing) == 1 else "are"
+    return (f"cannot build the bundled guest because {_and_list(missing)} {verb} missing; "
+            "install gcc, binutils and make (apt-get install build-essential).")
+
+
 def _check_tools() -> None:
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     if missing:
-        raise KvmkitError(
-            f"cannot build the bundled guest because {', '.join(missing)} "
-            "is missing: install gcc, binutils and make (apt-get install build-essential)"
-        )
+        raise KvmkitError(missing_tools_message(missing))
 
 
 def bundled_guest() -> Path:

@@ -14,6 +14,7 @@ the vCPU setup needs as plain numbers.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -223,6 +224,43 @@ def place_initrd(mem: GuestMemory, size: int, kernel_end: int, initrd_addr_max: 
     return addr
 
 
+# What Linux's initrd code can unpack or mount (init/initramfs.c, lib/decompress.c,
+# init/do_mounts_rd.c): cpio archives, their compressed forms, and the filesystem
+# images of the old initrd path. Anything else is almost always the wrong file.
+_CPIO_MAGICS = (b"070701", b"070702", b"070707", b"\xc7\x71", b"\x71\xc7")  # newc, crc, odc; binary both ways
+_COMPRESSED_MAGICS = (
+    b"\x1f\x8b",                    # gzip
+    b"\x1f\x9e",                    # old gzip
+    b"\xfd7zXZ\x00",                 # xz
+    b"\x28\xb5\x2f\xfd",            # zstd
+    b"\x02\x21\x4c\x18",            # lz4 legacy (what the kernel reads)
+    b"\x04\x22\x4d\x18",            # lz4 frame
+    b"BZh",                          # bzip2
+    b"\x5d\x00\x00",                # lzma
+    b"\x89LZO",                      # lzop
+)
+_FS_MAGICS = ((0, b"-rom1fs-"), (0, b"hsqs"), (0, b"\x45\x3d\xcd\x28"), (1080, b"\x53\xef"))  # romfs, squashfs, cramfs, ext2/3/4
+_ZEROS = re.compile(rb"\0*")
+
+
+def check_initrd(data: bytes, name: str = "the initrd") -> None:
+    """Refuse an initrd that Linux could not use, with one sentence naming ``name``.
+
+    A wrong ``-i`` file (a text file, a kernel, a disk image) otherwise
+    boots a kernel that panics far later with "VFS: Unable to mount root
+    fs", which points nowhere near the mistake. Like the kernel's unpacker,
+    this skips the zero padding that may precede an archive.
+    """
+    zeros = _ZEROS.match(data)
+    start = zeros.end() if zeros else 0
+    if data.startswith(_CPIO_MAGICS + _COMPRESSED_MAGICS, start):
+        return
+    if any(data[off:off + len(magic)] == magic for off, magic in _FS_MAGICS):
+        return
+    what = "is empty" if not data else "is not an initramfs (neither a cpio archive nor a compressed one)"
+    raise BootError(f"{name} {what}; build one with `kvmkit initramfs` or pass the right file to -i.")
+
+
 def load_linux(
     mem: GuestMemory,
     kernel: bytes | KernelImage,
@@ -234,11 +272,13 @@ def load_linux(
     gb_pages: bool = False,
     pci_irqs: list[tuple[int, int]] | None = None,
     level_irqs: tuple[int, ...] = (),
+    initrd_name: str = "the initrd",
 ) -> BootInfo:
     """Load ``kernel`` (bzImage or x86-64 ELF), initrd and command line into ``mem``.
 
     Raises :class:`BootError` with a one-sentence reason for anything that
-    would not boot, before the guest ever runs.
+    would not boot, before the guest ever runs; ``initrd_name`` (the file
+    the user gave) is how such a sentence names the initrd.
     """
     k = kernel if isinstance(kernel, KernelImage) else open_kernel(kernel)
     elf = k.elf
@@ -265,9 +305,10 @@ def load_linux(
         )
 
     initrd_addr = initrd_size = 0
-    if initrd:
+    if initrd is not None:
         initrd_size = len(initrd)
         initrd_addr = place_initrd(mem, initrd_size, kernel_end, k.initrd_addr_max)
+        check_initrd(initrd, initrd_name)
 
     load_elf(mem, k.elf_data, elf)
     mem.write(layout.CMDLINE_ADDR, raw_cmdline + b"\0")

@@ -36,7 +36,8 @@ def report_main(argv: list[str]) -> int:
                                 description="Guest and host time per exit, access and sequence from an ftrace text file.")
     p.add_argument("file", type=Path, help="ftrace text (tracing/trace or trace-cmd report output); '-' for stdin")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", type=Path, metavar="FILE.svg", help="also draw the timeline as SVG")
+    p.add_argument("--plot", type=Path, metavar="FILE.svg",
+                   help="also draw the timeline as SVG (event rates over time if the trace has no kvm_entry/kvm_exit)")
     args = p.parse_args(argv)
     try:
         if str(args.file) == "-":
@@ -53,10 +54,12 @@ def report_main(argv: list[str]) -> int:
         print(trace_report.render_text(analysis, str(args.file)), end="")
     if args.plot:
         try:
-            args.plot.write_text(svgplot.render_svg(analysis.timeline, analysis.unit))
+            args.plot.write_text(svgplot.render_svg(analysis.timeline, analysis.unit, trace=analysis.trace))
         except OSError as exc:
             print(f"kvmkit: cannot write {args.plot}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        # stderr, so that --json output stays one JSON document
+        print(f"kvmkit: wrote {svgplot.plot_kind(analysis.timeline, analysis.trace)} to {args.plot}", file=sys.stderr)
     return 0
 
 
