@@ -112,9 +112,10 @@ def run_vm(mode: str, cycles: int, delta_us: int, halt_poll: bool) -> dict:
             vm.machine.vm.enable_cap(KVM_CAP_HALT_POLL, 0)
         marker = Marker(vm.machine)
         vm.machine.pio_bus.register(MARK_PORT, 1, marker, "timer-mark")
-        status = vm.wait(600)
-        if status is None:
-            raise SystemExit(f"timer: {script!r} did not finish in 600 s")
+        try:
+            status = vm.wait(600)
+        except kvmkit.VmTimeout:
+            raise SystemExit(f"timer: {script!r} did not finish in 600 s") from None
     # The console's last bytes are flushed when the machine shuts down.
     out = vm.console.text
     if status != 0:

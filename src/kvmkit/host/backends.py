@@ -169,22 +169,58 @@ class FileBackend(FdBackend):
 
 
 class PtyBackend(FdBackend):
-    """A pseudo-terminal; connect with e.g. ``screen /dev/pts/N``."""
+    """A pseudo-terminal; connect with e.g. ``screen /dev/pts/N``.
 
-    def __init__(self) -> None:
+    Its path exists only once it is open, and the user cannot connect
+    without it: so :meth:`open` sets :attr:`path` and says it, in QEMU's
+    words, "char device redirected to /dev/pts/N (label COM2)". The message
+    goes to ``on_open`` when one is given, else to this module's logger at
+    WARNING, the level kvmkit shows by default (the CLI prints it on stderr
+    as "kvmkit: ...", before the guest runs). ``label`` names the port.
+    Opening is idempotent: a caller may open the backend early to learn the
+    path, and the serial port's start keeps that pty.
+    """
+
+    def __init__(self, label: str = "", on_open: Callable[[str], None] | None = None) -> None:
         super().__init__(None, None, "pty")
-        self.slave_name = ""
+        self.label = label
+        self.on_open = on_open
+        self.path: str | None = None   # /dev/pts/N once open (it stays set after close, for reports)
         self._slave_fd = -1
 
+    @property
+    def slave_name(self) -> str:
+        """The pty's path, "" until it is open (the older name of :attr:`path`)."""
+        return self.path or ""
+
+    @property
+    def redirect_message(self) -> str:
+        """What opening says: QEMU's "char device redirected to PATH (label NAME)"; "" until open."""
+        if self.path is None:
+            return ""
+        return f"char device redirected to {self.path}" + (f" (label {self.label})" if self.label else "")
+
     def open(self) -> None:
+        if self.input_fd is not None:
+            return  # already open (early, to tell the path): keep that pty
         import tty as _tty
-        master, slave = os.openpty()
+        try:
+            master, slave = os.openpty()
+        except OSError as e:
+            raise KvmkitError(f"cannot allocate a pseudo-terminal for {self.label or 'a serial port'}: "
+                              f"{e.strerror}; is /dev/pts mounted?") from None
         _tty.setraw(slave)
         os.set_blocking(master, False)
         self.input_fd = self.output_fd = master
         self._slave_fd = slave
-        self.slave_name = os.ttyname(slave)
-        self.name = f"pty:{self.slave_name}"
+        self.path = os.ttyname(slave)
+        self.name = f"pty:{self.path}"
+        if self.on_open is not None:
+            self.on_open(self.redirect_message)
+        else:
+            # COM1's terminal may already be raw (ports start in order), where
+            # a bare newline does not return the cursor: end the line for it.
+            log.warning("%s%s", self.redirect_message, "\r" if _stderr_is_raw_tty() else "")
 
     def close(self) -> None:
         for fd in (self.input_fd, self._slave_fd):
@@ -194,6 +230,16 @@ class PtyBackend(FdBackend):
                 except OSError:
                     pass
         self.input_fd = self.output_fd = None
+        self._slave_fd = -1
+
+
+def _stderr_is_raw_tty() -> bool:
+    """stderr is a terminal with output processing off (kvmkit's raw console): "\\n" alone does not end a line."""
+    try:
+        import termios
+        return not termios.tcgetattr(2)[1] & termios.OPOST
+    except Exception:  # not a terminal, or no termios
+        return False
 
 
 class UnixSocketBackend(FdBackend):
@@ -400,13 +446,16 @@ def backend_kind(spec: str) -> str:
     raise KvmkitError(f"unknown serial backend {spec!r}; use {SERIAL_BACKENDS}.")
 
 
-def parse_backend(spec: str, on_command: Callable[[str], None]) -> Backend:
-    """``stdio``, ``file:PATH``, ``unix:PATH``, ``pty``, ``none`` (or ``off``) -> a backend, not yet opened."""
+def parse_backend(spec: str, on_command: Callable[[str], None], label: str = "") -> Backend:
+    """``stdio``, ``file:PATH``, ``unix:PATH``, ``pty``, ``none`` (or ``off``) -> a backend, not yet opened.
+
+    ``label`` names the port it serves ("COM2"); a pty says it when it tells its path.
+    """
     kind = backend_kind(spec)
     if kind == "stdio":
         return StdioBackend(on_command)
     if kind == "pty":
-        return PtyBackend()
+        return PtyBackend(label)
     if kind == "file":
         path = spec[5:]
         return FileBackend(path[:-len(",append")], append=True) if path.endswith(",append") else FileBackend(path)
