@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from kvmkit.devices import pvclockevent as p
 from kvmkit.devices.cmos import REG_A, REG_B, REG_C, Cmos, memory_bytes
-from kvmkit.devices.misc import I8042, ExitPort, PortSink
+from kvmkit.devices.i8042 import I8042
+from kvmkit.devices.misc import ExitPort, PortSink
 from kvmkit.devices.msix import MSIX_ENTRY_SIZE, Msix
 from kvmkit.devices.pci import PCI_COMMAND, PCI_STATUS, PciBus, PciFunction, PciHostBridge
 from kvmkit.devices.pvclockevent import PvClockEvent

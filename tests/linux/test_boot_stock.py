@@ -39,9 +39,10 @@ from kvmkit.boot.initramfs import INIT_MARKER
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 # Seconds from start to the shell prompt on this project's nested-PVM machines. The first
-# measurement gave 151 s; on 2026-11-30 the same machines ran the unchanged code of that day to its
-# prompt at 208 s and this code at 194-232 s (runs side by side): they vary by a fifth from day to day.
-SHELL_PROMPT_LIMIT = 240.0
+# measurement gave 151 s; on 2026-11-30 the same machines ran the code of that morning to its prompt
+# at 194-232 s, and in the afternoon that code at 240 s and this one (keyboard, early console and
+# panic=-1 by default) at 234 s, one after the other: they vary by a fifth within a day.
+SHELL_PROMPT_LIMIT = 300.0
 
 
 def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox_initrd: Path,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -25,7 +26,7 @@ import pytest
 
 from kvmkit.api import VirtualMachine
 
-from _boot import LinuxSnapshot, finish_kvmkit, start_kvmkit_argv
+from _boot import REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
@@ -73,3 +74,26 @@ def test_fresh_copies_of_one_booted_guest_are_independent(linux_vm: Callable[[],
     out_a = a.console.wait_for("a-3-done", 60)
     assert "No such file" in out_b and "only-in-a" not in out_b.rsplit("cat /tmp/mark", 1)[-1], out_b
     assert "only-in-a" in out_a.rsplit("cat /tmp/mark", 1)[-1], out_a
+
+
+def test_kvmkit_stop_asks_linux_through_its_keyboard(linux_snapshot: LinuxSnapshot,
+                                                     record_property: Callable[[str, object], None]) -> None:
+    """`kvmkit stop` presses Ctrl-Alt-Del: Linux's keyboard driver (atkbd on the i8042) restarts the
+    machine, and kvmkit ends on that reset with status 0 before any forced stop."""
+    env = linux_snapshot.env
+    proc, master, ms = start_kvmkit_argv(["--restore", str(linux_snapshot.path), "--name", "stopme"], env)
+    try:
+        os.write(master, b"\r")
+        assert ms.run("grep -c . /proc/bus/input/devices", 60, "input devices").strip() != "0"
+        t0 = time.monotonic()
+        stop = subprocess.run([sys.executable, "-m", "kvmkit", "stop", "stopme", "--timeout", "240"],
+                              env=dict(env, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - t0
+        status = proc.wait(60)
+    finally:
+        stderr = finish_kvmkit(proc, master, ms, record_property)
+    print(f"kvmkit stop through Ctrl-Alt-Del: {took:.1f} s", file=sys.stderr)
+    record_property("stop through the guest (s)", round(took, 1))
+    assert stop.returncode == 0, stop.stderr
+    assert "stopme: the guest shut down (guest requested a reset (i8042))" in stop.stderr, stop.stderr
+    assert status == 0 and "guest requested a reset (i8042)" in stderr, stderr

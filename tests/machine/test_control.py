@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,7 +57,11 @@ class FakeMachine:
 
     def request_stop(self, status: int, message: str = "") -> None:
         self.calls.append(("stop", status, message))
+        if self._state != "stopped":
+            self.stop_message = message
         self._state = "stopped"
+
+    stop_message = ""
 
     def kick_all(self) -> None:
         self.kicks += 1
@@ -65,6 +70,20 @@ class FakeMachine:
         return {"vcpus": [{"vcpu": 0, "exits": {"IO": 7, "HLT": 2}, "pio": {"0x80/out": 6, "0x3f8/out": 1},
                            "mmio": {}, "run_ns": 1_500_000_000, "handler_ns": 2_000_000, "kicks": self.kicks}],
                 "kvm": {}, "ports": {"COM1": {"host_bytes_out": 10, "host_writes": 2, "host_bytes_in": 0}}}
+
+
+class ShuttingDownMachine(FakeMachine):
+    """A guest with a keyboard driver: Ctrl-Alt-Del ends it after ``delay`` seconds (never, if None)."""
+
+    def __init__(self, delay: float | None) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def request_shutdown(self) -> bool:
+        self.calls.append(("ctrl-alt-del",))
+        if self.delay is not None:
+            threading.Timer(self.delay, lambda: self.request_stop(0, "guest requested a reset (i8042)")).start()
+        return True
 
 
 class SnapshottingMachine(FakeMachine):
@@ -119,10 +138,46 @@ def test_the_commands_call_the_machine(fake: tuple[FakeMachine, ControlServer], 
     assert call("fake", "resume", directory=ctl_dir) == {"ok": True, "state": "running"}
     call("fake", "stats", directory=ctl_dir)
     assert m.kicks >= 1  # a running one is kicked until its tallies move
-    assert call("fake", "stop", directory=ctl_dir) == {"ok": True, "state": "stopped"}
+    assert call("fake", "stop", directory=ctl_dir) == {"ok": True, "state": "stopped", "by": "host",
+                                                       "message": "stopped by 'kvmkit stop'"}
     assert m.calls == [("pause",), ("resume",), ("stop", 0, "stopped by 'kvmkit stop'")]
+    assert call("fake", "stop", directory=ctl_dir)["by"] == "already stopped"
     with pytest.raises(KvmkitError, match="the VM has stopped; there is nothing to resume"):
         call("fake", "resume", directory=ctl_dir)
+
+
+def test_stop_asks_the_guest_first_then_forces(ctl_dir: Path) -> None:
+    for delay, timeout, by in ((0.2, 30, "guest"), (None, 1, "host")):
+        m = ShuttingDownMachine(delay)
+        srv = ControlServer(m, "cad", directory=ctl_dir)
+        srv.start()
+        try:
+            t0 = time.monotonic()
+            reply = call("cad", "stop", directory=ctl_dir, timeout=timeout + 10, params={"timeout": timeout})
+            took = time.monotonic() - t0
+        finally:
+            srv.close()
+        assert reply["by"] == by and m.calls[0] == ("ctrl-alt-del",), reply
+        if by == "guest":
+            assert reply["message"] == "guest requested a reset (i8042)" and took < 5
+        else:
+            assert reply["message"] == "stopped by 'kvmkit stop' (the guest did not shut down within 1 s of Ctrl-Alt-Del)"
+            assert 1 <= took < 5
+    m = ShuttingDownMachine(0.1)
+    srv = ControlServer(m, "cad", directory=ctl_dir)
+    srv.start()
+    try:
+        assert call("cad", "stop", directory=ctl_dir, force=True)["by"] == "host"
+        assert ("ctrl-alt-del",) not in m.calls
+        for bad, error in (({"timeout": -1}, "must be 0 to 600"),
+                           ({"timeout": True}, "'timeout' of 'stop' must be an integer, not a boolean"),
+                           ({"timeout": 1.5}, "must be an integer, not a number with a fraction"),
+                           ({"force": 1}, "'force' of 'stop' must be true or false, not an integer"),
+                           ({"wait": 1}, "'stop' has no argument 'wait'; it takes timeout, force")):
+            with pytest.raises(KvmkitError, match=re.escape(error)):
+                call("cad", "stop", directory=ctl_dir, params=bad)
+    finally:
+        srv.close()
 
 
 def test_bad_commands_and_arguments_are_error_replies(fake: tuple[FakeMachine, ControlServer]) -> None:
@@ -135,7 +190,7 @@ def test_bad_commands_and_arguments_are_error_replies(fake: tuple[FakeMachine, C
         ({"cmd": "x" * 1000}, "unknown command 'xxxxxxxx"),
         ({"cmd": "pause", "force": True}, "'pause' has no argument 'force'; it takes none."),
         ({"cmd": "snapshot"}, "'snapshot' needs the argument 'dir'."),
-        ({"cmd": "snapshot", "dir": 3}, "the argument 'dir' of 'snapshot' must be a str, not int."),
+        ({"cmd": "snapshot", "dir": 3}, "the argument 'dir' of 'snapshot' must be a string, not an integer."),
         ({"cmd": "snapshot", "dir": "/tmp/s", "x": 1}, "'snapshot' has no argument 'x'; it takes dir."),
         ({"cmd": "snapshot", "dir": "relative/s"}, '"dir" must be an absolute path'),
         ([{"cmd": "stop"}], "not a JSON object"),
@@ -300,7 +355,9 @@ def test_pause_resume_stats_and_stop_on_a_real_vm(ctl_dir: Path) -> None:
         vcpu = call("real", "stats", directory=ctl_dir)["stats"]["vcpus"][0]
         assert vcpu["vcpu"] == 0 and vcpu["exits"]["IO"] > 1000 and vcpu["pio"]["0x80/out"] > 1000
 
-        assert call("real", "stop", directory=ctl_dir)["state"] == "stopped"
+        assert machine.request_shutdown() is False  # the bundled guest has no keyboard driver to press keys for
+        reply = call("real", "stop", directory=ctl_dir)
+        assert reply["state"] == "stopped" and reply["by"] == "host"  # so the stop is the host's, at once
         assert machine.wait(10) == 0
         assert machine.stop_message == "stopped by 'kvmkit stop'"
         assert call("real", "info", directory=ctl_dir)["state"] == "stopped"

@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,15 +20,22 @@ from ..errors import KvmkitError
 
 if TYPE_CHECKING:
     from ..machine.config import VmConfig
+    from ..machine.machine import Machine
 
 EPILOG_RUN = """\
 With no --kernel, kvmkit boots its bundled guest; any words after the options
 are a command script for it, e.g.  kvmkit run echo hello \\; poweroff 0
+The script stops at the first command that fails and kvmkit exits with its
+status; '-cmd' lets cmd fail (put -- before a script that starts with '-').
+With --kernel, the words after -- are a command to run in the Linux guest:
+  kvmkit run -k vmlinuz -- sh -c 'uname -r; exit 3'   (kvmkit exits 3)
+It runs from kvmkit's busybox initramfs, or over your -i initramfs (which
+needs a busybox-like sh, mount, printf and dd) as /kvmkit-run.
 Serial backends: stdio, file:PATH, unix:PATH, pty, none (present, discards
 output), off (no device). On the terminal: Ctrl-A x quits, Ctrl-A s prints
 exit statistics, Ctrl-A Ctrl-A sends Ctrl-A.
 Exit status: the guest's (exit port or poweroff = 0), 2 triple fault,
-1 VMM or KVM error, 130/143 on SIGINT/SIGTERM."""
+1 VMM or KVM error or a guest kernel panic, 130/143 on SIGINT/SIGTERM."""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,9 +64,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restore", metavar="DIR", help="continue from a snapshot (kvmkit snapshot NAME -o DIR) instead of booting")
     p.add_argument("--verify", action="store_true", help="with --restore: check the memory files' digests too (reads them whole)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvmkit does")
+    p.add_argument("-q", "--quiet", action="store_true", help="no line about what is booting (errors are still printed)")
     p.add_argument("--name", help="the VM's name for kvmkit list/pause/resume/stop/stats/snapshot "
                    "(default: an unused vm-XXXX); its control socket is $XDG_RUNTIME_DIR/kvmkit/NAME.sock")
     p.add_argument("script", nargs=argparse.REMAINDER, help="bundled guest: commands to run")
+
+
+TRACE_HELP = """\
+usage: kvmkit trace record [-o FILE] -- <kvmkit run arguments>
+       kvmkit trace report FILE [--json] [--plot FILE.svg]
+
+Record the KVM tracepoints (kvm_entry, kvm_exit, kvm_pio, ...) of one VM run
+into an ftrace text file (default kvmkit.trace), then report guest and host
+time per exit, per access and per sequence. Needs root (tracefs).
+'kvmkit trace record --help' and 'kvmkit trace report --help' say more.
+"""
 
 
 def run_config(args: argparse.Namespace) -> "VmConfig":
@@ -104,10 +126,73 @@ def _check_restore_options(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    command = _guest_command(args)
+    workdir = tempfile.mkdtemp(prefix="kvmkit-run-") if command else None
+    try:
+        return _run(args, command, Path(workdir) if workdir else None)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _guest_command(args: argparse.Namespace) -> list[str] | None:
+    """With a Linux kernel, the words after ``--``: a command to run in the guest, whose status kvmkit exits with."""
+    if not args.kernel or args.restore:
+        return None
+    words = list(args.script)
+    if words[:1] == ["--"]:
+        words = words[1:]
+    return words or None
+
+
+def _command_initrd(args: argparse.Namespace, command: list[str], workdir: Path) -> Path:
+    """The initramfs that runs ``command`` (kvmkit's busybox, or the user's -i with /kvmkit-run over it)."""
+    from ..boot import initramfs as ir
+    from ..host.files import read_user_file
+    from ..machine.config import parse_size
+    base = read_user_file(Path(args.initrd), "initrd", parse_size(args.mem)) if args.initrd else None
+    if base is not None:
+        from ..boot.linux import check_initrd
+        check_initrd(base, f"initrd file {args.initrd}")  # before the overlay hides what the user gave
+    data = ir.command_initramfs(command, base)
+    path = workdir / "initrd.img"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _booting_line(machine: "Machine", args: argparse.Namespace, command: list[str] | None) -> str:
+    """One line on what a Linux boot is made of, so that a slow or silent boot is not a mystery."""
+    from ..machine.control import format_size
+    cfg = machine.config
+    version = (machine.kernel_version or "").split(" ")[0] or "of unknown version"
+    if command:
+        given = getattr(args, "initrd_given", None)
+        initrd = f"{given} with kvmkit's /kvmkit-run" if given else "kvmkit's busybox initramfs"
+        what = f"; running: {shlex.join(command)}"
+    else:
+        initrd = str(cfg.initrd) if cfg.initrd else "no initrd"
+        what = ""
+    cpus = f"{cfg.cpus} vCPU" + ("s" if cfg.cpus != 1 else "")
+    return (f"kvmkit: booting Linux {version} from {cfg.kernel}, {initrd}, {format_size(cfg.mem_size)}, {cpus}; "
+            f"command line: {machine.cmdline}{what}")
+
+
+def _run(args: argparse.Namespace, command: list[str] | None, workdir: Path | None) -> int:
+    from ..host.backends import PtyBackend
     from ..host.control import validate_name
     from ..machine.control import ControlServer
     from ..machine.machine import Machine
 
+    if command:
+        from ..boot.initramfs import RUNNER
+        assert workdir is not None
+        args.initrd_given = args.initrd
+        args.initrd = str(_command_initrd(args, command, workdir))
+        args.script = []
+        if args.initrd_given:
+            args.append = f"{args.append or ''} rdinit=/{RUNNER}".strip()
     if args.restore:
         _check_restore_options(args)
     else:
@@ -125,14 +210,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if not args.restore:
             machine.load()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)  # the initramfs is in guest RAM now
+            if machine.kernel_version is not None and args.kernel and not args.quiet:
+                print(_booting_line(machine, args, command), file=sys.stderr)
+                if machine.quirks is not None and machine.quirks.name == "nested-pvm" and sys.stderr.isatty():
+                    machine.show_status_line()  # an emulating host: a long quiet boot shows it is alive
         if args.kernel and not args.initrd and not args.disk:
             print("kvmkit: warning: a Linux kernel with no initrd (-i) and no root disk (--disk) panics when it mounts "
                   "root; build one with 'kvmkit initramfs -o initrd.img' (add --modules VERSION for a virtio root disk).",
                   file=sys.stderr)
         for port in machine.serial_ports:
-            name = getattr(port.backend, "slave_name", "")
-            if name:
-                print(f"kvmkit: {port.name} is on {name}", file=sys.stderr)
+            # A pty opens now, while the terminal is still cooked: its path is said on a line of its own.
+            open_early = getattr(port.backend, "open", None)
+            if isinstance(port.backend, PtyBackend) and open_early is not None:
+                open_early()
         control.start()
         if args.verbose:
             print(f"kvmkit: control socket {control.path}", file=sys.stderr)
@@ -143,10 +235,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_data = [s.as_dict() for s in machine.exit_stats()] if args.stats_json else None
         kstats = machine.in_kernel_stats() if args.stats_json else None
         message = machine.stop_message
+        reset = machine.reset_requested  # a reboot looks like a clean exit: say what it was
         quirk_text = machine.quirks.summary() if machine.quirks is not None else ""
         status = machine.status if machine.status is not None else 1
         machine.close()
-    if message and (status != 0 or args.verbose or args.stats):
+    if message and (status != 0 or args.verbose or args.stats or reset):
         print(f"\nkvmkit: {message}", file=sys.stderr)
     if args.stats and stats_text:
         print(stats_text, file=sys.stderr)
@@ -165,8 +258,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in info) if info else 0
         for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+            print(f"{k:<{width}}  {_inspect_value(k, v)}")
     return 0
+
+
+# inspect's numbers that are addresses, sizes of alignment or offsets: shown in hex, as in the boot protocol
+_HEX_KEYS = {"entry", "entry_phys", "load_start", "load_end", "pref_address", "kernel_alignment",
+             "initrd_addr_max", "paddr", "vaddr", "offset", "filesz", "memsz", "init_size"}
+
+
+def _inspect_value(key: str, value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int) and key in _HEX_KEYS:
+        return f"{value:#x}"
+    if isinstance(value, int) and key == "protocol_version":
+        return f"{value >> 8}.{value & 0xFF:02d}"
+    if isinstance(value, list):
+        return "; ".join(", ".join(f"{k} {_inspect_value(k, v)}" for k, v in item.items())
+                         if isinstance(item, dict) else str(item) for item in value)
+    return str(value)
 
 
 def cmd_initramfs(args: argparse.Namespace) -> int:
@@ -238,12 +349,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     """pause, resume, stop: one command to the named VM; stop waits (a while) for it to be gone."""
     from ..host.control import call, control_dir, socket_path
-    call(args.name, args.command, timeout=20.0)
-    if args.command == "stop":
-        path = socket_path(control_dir(), args.name)
-        deadline = time.monotonic() + 15
-        while path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    if args.command != "stop":
+        call(args.name, args.command, timeout=20.0)
+        return 0
+    if not 0 <= args.timeout <= 600:
+        raise KvmkitError(f"--timeout must be 0 to 600 seconds, not {args.timeout}.")
+    reply = call(args.name, "stop", timeout=args.timeout + 20.0, params={"timeout": args.timeout, "force": args.force})
+    path = socket_path(control_dir(), args.name)
+    deadline = time.monotonic() + 15
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    how = "the guest shut down" if reply.get("by") == "guest" else "stopped from the host"
+    print(f"kvmkit: {args.name}: {how} ({reply.get('message', '')})", file=sys.stderr)
     return 0
 
 
@@ -270,9 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a kernel (default: the bundled guest)", epilog=EPILOG_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(run)
-    ins = sub.add_parser("inspect", help="describe a kernel image")
-    ins.add_argument("kernel")
-    ins.add_argument("--json", action="store_true")
+    ins = sub.add_parser("inspect", help="describe a kernel image",
+                         description="Describe a kernel image without booting it: format (bzImage or ELF), boot "
+                                     "protocol, compression, kernel version, where it loads and how much memory "
+                                     "it claims. Addresses are in hex.")
+    ins.add_argument("kernel", help="a bzImage, a vmlinux ELF, or another ELF kernel")
+    ins.add_argument("--json", action="store_true", help="print JSON (numbers as numbers) instead of a table")
     ir = sub.add_parser("initramfs", help="build an initramfs (busybox system or a directory)")
     ir.add_argument("-o", "--output", required=True)
     ir.add_argument("--busybox", help="static busybox binary (default: the host's /bin/busybox)")
@@ -293,9 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("trace_cmd", choices=["record", "report"])
     ls = sub.add_parser("list", help="the running VMs (name, pid, state, vCPUs, memory, uptime)")
     ls.add_argument("--json", action="store_true")
-    for verb, text in (("pause", "pause a running VM's vCPUs"), ("resume", "resume a paused VM"),
-                       ("stop", "stop a VM (host side: the console is flushed, kvmkit exits 0)")):
+    for verb, text in (("pause", "pause a running VM's vCPUs"), ("resume", "resume a paused VM")):
         sub.add_parser(verb, help=text).add_argument("name")
+    sp = sub.add_parser("stop", help="stop a VM: Ctrl-Alt-Del for its own shutdown first, then from the host")
+    sp.add_argument("name")
+    sp.add_argument("--timeout", type=int, default=30, metavar="S",
+                    help="seconds to wait for the guest's own shutdown before stopping it from the host (default 30)")
+    sp.add_argument("--force", action="store_true", help="stop it from the host at once (the console is still flushed)")
     st = sub.add_parser("stats", help="a running VM's exit statistics")
     st.add_argument("name")
     st.add_argument("--json", action="store_true")
@@ -312,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]
     try:
         if argv[0] == "trace":
+            if len(argv) == 1 or argv[1] in ("-h", "--help"):
+                print(TRACE_HELP, end="")
+                return 0 if len(argv) > 1 else 2
             args, rest = parser.parse_known_args(argv)
             return cmd_trace(args, rest)
         args = parser.parse_args(argv)

@@ -460,12 +460,17 @@ def request(path: Path, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, 
     return reply
 
 
-def call(name: str, cmd: str, directory: Path | None = None, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    """Run one command on the VM called ``name``: its reply, or one sentence (no such VM, an error reply)."""
+def call(name: str, cmd: str, directory: Path | None = None, timeout: float = 5.0,
+         params: dict[str, Any] | None = None, **args: Any) -> dict[str, Any]:
+    """Run one command on the VM called ``name``: its reply, or one sentence (no such VM, an error reply).
+
+    ``timeout`` is how long to wait for the reply; the command's arguments
+    are ``args``, or ``params`` for one whose name clashes (stop's "timeout").
+    """
     directory = control_dir() if directory is None else directory
     path = socket_path(directory, name)
     try:
-        reply = request(path, {"cmd": cmd, **args}, timeout)
+        reply = request(path, {"cmd": cmd, **(params or {}), **args}, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunning(name) from None
     except TimeoutError:

@@ -27,6 +27,9 @@ COMMANDS = ("info", "pause", "resume", "stop", "stats", "snapshot")
 STATS_SETTLE_S = 0.25  # the most a stats request waits for the vCPUs to flush their tallies
 KICK_INTERVAL_S = 0.005
 BUSY_WAIT_S = 10.0     # how long a state change waits for another one (a pause takes at most 5 s)
+STOP_TIMEOUT_S = 30    # how long `stop` waits for the guest's own shutdown before it forces one
+MAX_STOP_TIMEOUT_S = 600
+STOP_POLL_S = 0.05
 
 
 class ControlServer:
@@ -45,6 +48,8 @@ class ControlServer:
             "info": (self._info, {}), "pause": (self._pause, {}), "resume": (self._resume, {}),
             "stop": (self._stop, {}), "stats": (self._stats, {}), "snapshot": (self._snapshot, {"dir": str}),
         }
+        # Arguments a command may leave out (the handler has the default).
+        self._optional: dict[str, dict[str, type]] = {"stop": {"timeout": int, "force": bool}}
 
     @property
     def path(self) -> Path | None:
@@ -94,17 +99,21 @@ class ControlServer:
             shown = cmd if len(cmd) <= 40 else cmd[:40] + "..."
             raise KvmkitError(f"unknown command {shown!r}; the commands are {', '.join(COMMANDS)}.")
         fn, spec = entry
+        optional = self._optional.get(cmd, {})
         args = {k: v for k, v in request.items() if k != "cmd"}
         for key in args:
-            if key not in spec:
-                takes = f"it takes {', '.join(spec)}" if spec else "it takes none"
+            if key not in spec and key not in optional:
+                names = [*spec, *optional]
+                takes = f"it takes {', '.join(names)}" if names else "it takes none"
                 raise KvmkitError(f"{cmd!r} has no argument {key[:40]!r}; {takes}.")
         for key, typ in spec.items():
             if key not in args:
                 raise KvmkitError(f"{cmd!r} needs the argument {key!r}.")
-            if not isinstance(args[key], typ):
-                raise KvmkitError(f"the argument {key!r} of {cmd!r} must be a {typ.__name__}, "
-                                  f"not {type(args[key]).__name__}.")
+        for key, typ in {**spec, **optional}.items():
+            # bool is an int in Python; a JSON true is not a number of seconds
+            if key in args and (not isinstance(args[key], typ) or (typ is int and isinstance(args[key], bool))):
+                raise KvmkitError(f"the argument {key!r} of {cmd!r} must be {_JSON_TYPES[typ]}, "
+                                  f"not {_JSON_NAMES.get(type(args[key]), 'that')}.")
         return fn(**args)
 
     def _require_started(self) -> None:
@@ -141,9 +150,29 @@ class ControlServer:
             self.machine.resume()
         return {"state": self.machine.state}
 
-    def _stop(self) -> dict[str, Any]:
-        self.machine.request_stop(0, "stopped by 'kvmkit stop'")
-        return {"state": "stopped"}
+    def _stop(self, timeout: int = STOP_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
+        """The guest's own shutdown first (Ctrl-Alt-Del, where it has a keyboard driver), then a hard stop.
+
+        Waits up to ``timeout`` seconds for the guest to end the VM itself;
+        ``force`` (or a paused VM, or a guest with no keyboard driver) goes
+        straight to the hard stop. The reply says which it was.
+        """
+        if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
+            raise KvmkitError(f'"timeout" must be 0 to {MAX_STOP_TIMEOUT_S} seconds, not {timeout}.')
+        m = self.machine
+        if m.state == "stopped":
+            return {"state": "stopped", "by": "already stopped", "message": m.stop_message}
+        ask = getattr(m, "request_shutdown", None)
+        asked = bool(not force and ask is not None and ask())
+        if asked:
+            deadline = time.monotonic() + timeout
+            while m.state != "stopped" and time.monotonic() < deadline:
+                time.sleep(STOP_POLL_S)
+        if asked and m.state == "stopped":
+            return {"state": "stopped", "by": "guest", "message": m.stop_message}
+        why = f" (the guest did not shut down within {timeout} s of Ctrl-Alt-Del)" if asked else ""
+        m.request_stop(0, f"stopped by 'kvmkit stop'{why}")
+        return {"state": "stopped", "by": "host", "message": m.stop_message}
 
     def _stats(self) -> dict[str, Any]:
         """Figures to the moment: each vCPU flushes its tallies when a kick brings it out of KVM_RUN.
@@ -176,6 +205,11 @@ class ControlServer:
         with self._exclusive("the snapshot"):
             result = snapshot(Path(dir))
         return {"snapshot": result if isinstance(result, dict) else {"result": result}}
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", bool: "true or false"}
+_JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number with a fraction",
+               list: "a list", dict: "an object", type(None): "null"}
 
 
 def _kicks(stats: dict[str, Any]) -> dict[Any, int]:

@@ -45,6 +45,8 @@ ERROR = "error"
 SIGNAL = "signal"
 QUIT = "quit"
 HOST = "host"  # the program driving kvmkit (the API, a test) ended it
+PANIC = "panic"  # the guest kernel panicked (and then reset or halted)
+PANIC_STATUS = 1
 
 
 def call_elsewhere(post: Callable[[Callable[[], None]], None], fn: Callable[[], object], timeout: float,
@@ -114,6 +116,9 @@ class Lifecycle:
         self._done = threading.Event()
         self._members: list[Member] = []
         self.on_stop: list[Callable[[Outcome], None]] = []
+        # Looks at an outcome before it is final and may restate it (a reset
+        # after a kernel panic is the panic); it must not block.
+        self.judge: Callable[[Outcome], Outcome] | None = None
         # Pausing: every vCPU thread parks in park() until resume() or a stop.
         self._pause = threading.Condition()
         self._pausing = False
@@ -132,6 +137,11 @@ class Lifecycle:
         self.finish(Outcome(status, message, kind))
 
     def finish(self, outcome: Outcome) -> None:
+        if self.judge is not None:
+            try:
+                outcome = self.judge(outcome)
+            except Exception:
+                log.exception("outcome judge failed")
         with self._lock:
             if self.outcome is not None:
                 return

@@ -19,7 +19,8 @@ from typing import Protocol
 from ..boot.linux import BootInfo, load_linux, open_kernel
 from ..devices.cmos import Cmos
 from ..devices.cmos import memory_bytes as cmos_memory_bytes
-from ..devices.misc import I8042, ExitPort, PortSink
+from ..devices.i8042 import I8042
+from ..devices.misc import ExitPort, PortSink
 from ..errors import KvmkitError
 from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.device import VirtioDevice
@@ -40,8 +41,11 @@ from .config import VmConfig
 from .cpu import build_cpuid, set_long_mode
 from .hvc import VirtioConsoleEnd
 from .irq import GsiRoutes, IrqLine
-from .lifecycle import EXIT_PORT, QUIT, RESET, Lifecycle, Outcome, PoweroffWatch, require_kick_handler
-from .pc import I8042_COMMAND, I8042_DATA, IDENTITY_MAP_ADDR, TSS_ADDR, PcMap
+from .console_watch import ConsoleWatch
+from .status_line import StatusLine
+from .lifecycle import (EXIT_PORT, HALT, PANIC, PANIC_STATUS, QUIT, RESET, TRIPLE_FAULT, Lifecycle, Outcome, PoweroffWatch,
+                        require_kick_handler)
+from .pc import I8042_COMMAND, I8042_DATA, I8042_IRQ_AUX, I8042_IRQ_KBD, IDENTITY_MAP_ADDR, TSS_ADDR, PcMap
 from .pci import PciHost
 from .pvclockevent import PvClockEvents
 from .quirks import Quirks, make_quirks
@@ -82,6 +86,11 @@ class Machine:
         self._cpuid: list[list] = []  # per vCPU, the CPUID table it was given (a snapshot records it)
         self.pc = PcMap(config)
         self.lifecycle = Lifecycle()
+        self.console_watch = ConsoleWatch()  # the guest's console, read for a kernel panic
+        self.cmdline: str | None = None  # what load() gave the kernel
+        self.status_line: StatusLine | None = None
+        self.kernel_version: str | None = None
+        self.lifecycle.judge = self._judge_outcome
         self.kvm = Kvm()
         self.vm: Vm | None = None
         self.mem: GuestMemory | None = None
@@ -200,7 +209,8 @@ class Machine:
         stop = self.lifecycle.stop
         self.exit_port = ExitPort(lambda v: stop(v, f"guest wrote {v} to the exit port", EXIT_PORT))
         self._place("exit-port", self.exit_port)
-        self.i8042 = I8042(lambda: stop(0, "guest requested a reset (i8042)", RESET))
+        self.i8042 = I8042(lambda: stop(0, "guest requested a reset (i8042)", RESET),
+                           irq_kbd=self.irq_line(I8042_IRQ_KBD).source(), irq_aux=self.irq_line(I8042_IRQ_AUX).source())
         self._place("i8042-data", OffsetWindow(self.i8042, 0))
         self._place("i8042-cmd", OffsetWindow(self.i8042, I8042_COMMAND - I8042_DATA))
         self.post = PortSink()
@@ -219,6 +229,8 @@ class Machine:
             assert p.irq is not None
             port = SerialPort(p.name, self.loop, backend, self.irq_line(p.irq).source(), fifo=cfg.serial_fifo,
                               pace=cfg.serial_pace)
+            if p.name == "COM1":
+                port.stream.watchers.append(self.console_watch.feed)
             self._place(p.name, port)
             self.serial_ports.append(port)
         if cfg.has_pci:
@@ -230,7 +242,7 @@ class Machine:
         cfg = self.config
         out: dict[str, Backend | None] = {}
         for idx, p in self.pc.serial_ports():
-            out[p.name] = given[p.name] if p.name in given else parse_backend(cfg.serial[idx], self._console_command)
+            out[p.name] = given[p.name] if p.name in given else parse_backend(cfg.serial[idx], self._console_command, label=p.name)
         if cfg.virtio_console:
             if "hvc0" in given:
                 out["hvc0"] = given["hvc0"]
@@ -253,6 +265,7 @@ class Machine:
             self._add_virtio(f"virtio-blk{i}", VirtioBlk(image, serial=disk.serial), worker=True)
         if cfg.virtio_console:
             self.hvc = VirtioConsoleEnd("hvc0", self.loop, hvc_backend if hvc_backend is not None else NullBackend())
+            self.hvc.stream.watchers.append(self.console_watch.feed)
             self._add_virtio("virtio-console", self.hvc.console, worker=False)
         if cfg.rng:
             self._add_virtio("virtio-rng", VirtioRng(os.getrandom), worker=False)
@@ -296,11 +309,14 @@ class Machine:
         cmdline = build_cmdline(cfg.cmdline, linux=kernel.is_linux, pci=cfg.has_pci,
                                 quirk_params=self.quirks.cmdline_params() if kernel.is_linux else (),
                                 script=cfg.script, virtio_console=cfg.console == "virtio")
+        self.cmdline = cmdline
+        self.kernel_version = kernel.kernel_version
         # Poweroff without ACPI: Linux halts with interrupts off on every CPU.
         self._watch_poweroff = kernel.is_linux
         pci_irqs = [(slot, irq) for slot, irq in self.pci.intx.items()] if self.pci is not None else None
         info = load_linux(self.mem, kernel, initrd, cmdline, ncpus=cfg.cpus, pci_irqs=pci_irqs,
-                          level_irqs=self.pc.level_irqs())
+                          level_irqs=self.pc.level_irqs(),
+                          initrd_name=f"initrd file {cfg.initrd}" if cfg.initrd is not None else "the initrd")
         self.boot_info = info
         set_long_mode(self.runners[0].vcpu, info)
         return info
@@ -332,6 +348,38 @@ class Machine:
     def request_stop(self, status: int, message: str = "") -> None:
         """Stop the machine with an exit status; the first request wins. Safe from any thread."""
         self.lifecycle.stop(status, message)
+
+    def show_status_line(self, fd: int = 2) -> None:
+        """Keep a line on terminal ``fd`` while the guest's console is quiet (a slow boot shows it is alive)."""
+        def exits() -> int:
+            return sum(s.get("exits", 0) for s in self.in_kernel_stats().values())
+        self.status_line = StatusLine(self.loop, self.console_watch, exits, fd)
+        streams = [p.stream for p in self.serial_ports if p.name == "COM1"]
+        if self.hvc is not None:
+            streams.append(self.hvc.stream)
+        for stream in streams:
+            stream.before_write = self.status_line.clear
+        self.status_line.start()
+
+    def _judge_outcome(self, outcome: Outcome) -> Outcome:
+        """A reset, triple fault or halt after the kernel's panic line is the panic (status PANIC_STATUS)."""
+        if outcome.kind in (RESET, TRIPLE_FAULT, HALT):
+            line = self.console_watch.panic_line
+            if line is not None:
+                return Outcome(PANIC_STATUS, f"guest kernel panicked: {line}", PANIC)
+        return outcome
+
+    def request_shutdown(self) -> bool:
+        """Ask the guest to shut down as a PC without ACPI is asked: Ctrl-Alt-Del on its keyboard.
+
+        True if a keyboard driver was there to hear it (Linux reboots, or
+        hands the key to init, and kvmkit ends the VM on the reset that
+        follows); False for a guest with no keyboard driver, or one not
+        running. Nothing is forced: :meth:`request_stop` does that.
+        """
+        if self.state != "running":
+            return False
+        return self.i8042.send_ctrl_alt_del()
 
     def kick_all(self) -> None:
         """Bring every vCPU out of KVM_RUN once (it re-enters at once): hooks run, tallies are flushed."""
@@ -519,6 +567,8 @@ class Machine:
             self.lifecycle.stop(0, "shut down by kvmkit")
         self.wait(10)
         self.loop.stop()
+        if self.status_line is not None:
+            self.status_line.stop()  # erased before the ports' last output is flushed
         for port in [*self.serial_ports, *([self.hvc] if self.hvc is not None else [])]:
             try:
                 port.close()

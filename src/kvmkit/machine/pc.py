@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from ..boot.mptable import IOAPIC_ADDR as IOAPIC_BASE
 from ..boot.mptable import LAPIC_ADDR as LAPIC_BASE
 from ..devices.cmos import CMOS_INDEX
-from ..devices.misc import EXIT_PORT, I8042_COMMAND, I8042_DATA
+from ..devices.i8042 import I8042_COMMAND, I8042_DATA
+from ..devices.misc import EXIT_PORT
 from ..devices.pvclockevent import WINDOW_SIZE as PVCE_WINDOW_SIZE
 from ..devices.uart16550 import REGISTER_SPAN as UART_SPAN
 from ..errors import KvmkitError
@@ -49,6 +50,8 @@ PVCE_MAX_CPUS = 256          # 1 MiB, below the IOAPIC
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
+I8042_IRQ_KBD = 1                    # the keyboard's output buffer full
+I8042_IRQ_AUX = 12                   # the AUX port's (kvmkit has no AUX device)
 PCI_CONFIG_PORT = 0xCF8              # configuration mechanism #1: CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC
 PCI_CONFIG_SPAN = 8
 # ISA IRQs for PCI INTx, one per slot while they last (slot 1 -> 11, ...): free
@@ -81,7 +84,7 @@ class PcMap:
     def __init__(self, config: VmConfig) -> None:
         self.config = config
         p: list[Placement] = [
-            Placement("i8042-data", PIO, I8042_DATA, 1),
+            Placement("i8042-data", PIO, I8042_DATA, 1, irq=I8042_IRQ_KBD),
             Placement("i8042-cmd", PIO, I8042_COMMAND, 1),
             Placement("cmos", PIO, CMOS_INDEX, CMOS_SPAN, irq=8),
             Placement("post", PIO, POST_PORT, 1),

@@ -44,14 +44,17 @@ the lock held.
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..host.backends import Backend
 from ..host.loop import EventLoop
+
+log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 64 * 1024       # bytes kept for a stalled host end before the guest is held back
 READ_CHUNK = 64 * 1024         # the most one read() takes from the backend
@@ -129,6 +132,13 @@ class HostStream:
         self._eof = False
         self._always_ready = False
         self._closed = False
+        # Called with every batch of guest output as it is taken (device thread,
+        # lock held): readers such as the panic watch, which must see bytes the
+        # host end never takes (no client connected) too.
+        self.watchers: list[Callable[[bytes], None]] = []
+        # Called on the loop thread before each write to the backend (the
+        # boot status line erases itself there, before the guest's text).
+        self.before_write: Callable[[], None] | None = None
 
     # --- device side (any thread, lock held) ---------------------------------------
     def room(self) -> int:
@@ -144,6 +154,7 @@ class HostStream:
         with self.lock:
             if not self.backend.connected:
                 n = len(data)
+                self._watch(data)
                 self.outbuf += data
                 excess = len(self.outbuf) - self.output_limit
                 if excess > 0:
@@ -156,6 +167,7 @@ class HostStream:
                 return 0
             if not self.outbuf:
                 self._first_unwritten = time.monotonic_ns()
+            self._watch(data[:n])
             self.outbuf += data[:n]
             urgent = (self.hold <= 0 or len(self.outbuf) >= BATCH
                       or time.monotonic() - self._last_input < ECHO_WINDOW)
@@ -166,6 +178,13 @@ class HostStream:
                 self._writing = True
                 self.loop.call_soon_later(self.hold, self._flush)
             return n
+
+    def _watch(self, data: bytes | bytearray | memoryview) -> None:
+        for watcher in self.watchers:
+            try:
+                watcher(bytes(data))
+            except Exception:  # a reader's bug must not cost the guest its console
+                log.exception("%s: console watcher failed", self.name)
 
     def note(self, text: str) -> None:
         """kvmkit's own words (Ctrl-A s statistics, help) into the output, in order, past the bound."""
@@ -231,6 +250,8 @@ class HostStream:
                 self._writing = bool(self.outbuf)
             return
         held = time.monotonic_ns() - first
+        if self.before_write is not None:
+            self.before_write()
         n = self.backend.write(data)
         if n == 0 and self.backend.client_gone:
             self._client_left()

@@ -1,0 +1,46 @@
+"""`kvmkit run -k KERNEL -- CMD`: one command in a Linux guest, and kvmkit exits with its status.
+
+What kernel developers and CI get from `lkvm sandbox -- cmd` or `vng -- cmd`:
+kvmkit builds a busybox initramfs whose /init runs the command with its
+output on the console and writes its exit status to the exit port through
+/dev/port. The second test is the other way a boot ends badly: no initramfs
+at all, so the kernel panics at mounting root; kvmkit's default `panic=-1`
+resets it, and kvmkit reads the panic line from the console and fails with
+it instead of calling the reset a clean reboot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _boot import MEM, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.kvm]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmkit", "run", "--mem", MEM, *args],
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, errors="replace", timeout=600)
+
+
+def test_a_command_runs_in_the_guest_and_gives_kvmkit_its_status(stock_bzimage: Path) -> None:
+    p = _run("-k", str(stock_bzimage), "--", "sh", "-c", 'echo "from the guest: $(uname -r) $0"; exit 3', "it's")
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "from the guest: 6.1.0-" in p.stdout and "it's" in p.stdout, p.stdout[-3000:]
+    first = p.stderr.splitlines()[0]
+    assert first.startswith("kvmkit: booting Linux 6.1.0-") and "kvmkit's busybox initramfs" in first, first
+    assert "running: sh -c" in first and "panic=-1" in first
+    assert "Linux version 6.1" in p.stdout  # the early console is on by default: the boot is not silent
+
+
+def test_a_kernel_panic_fails_with_the_panic_line(stock_bzimage: Path) -> None:
+    p = _run("-k", str(stock_bzimage))
+    assert "no initrd (-i) and no root disk" in p.stderr
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "kvmkit: guest kernel panicked: Kernel panic - not syncing: VFS: Unable to mount root fs" in p.stderr, \
+        p.stderr[-3000:]
