@@ -449,3 +449,48 @@ def test_the_client_helpers(ctl_dir: Path, servers: list[ControlSocket]) -> None
     with pytest.raises(KvmkitError, match="not a usable VM name"):
         call("../a", "info", directory=ctl_dir)
     assert socket_names(ctl_dir / "missing") == []
+
+
+def test_a_client_waits_out_a_full_listen_backlog(tmp_path: Path) -> None:
+    """A flood that fills the backlog makes a VM busy, not gone: request() tries again until its deadline."""
+    from kvmkit.host.control import request
+    path = tmp_path / "busy.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(0)
+    fillers = []
+    for _ in range(8):  # fill the backlog: further connects get EAGAIN
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            break
+        fillers.append(c)
+
+    def serve_later() -> None:
+        time.sleep(0.3)
+        srv.settimeout(3)
+        for _ in range(len(fillers) + 1):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                data = conn.recv(100)
+                if data:
+                    conn.sendall(b'{"ok": true, "late": true}\n')
+            except OSError:
+                pass
+            conn.close()
+    for c in fillers:
+        c.close()
+    t = threading.Thread(target=serve_later)
+    t.start()
+    try:
+        assert request(path, {"cmd": "info"}, timeout=5.0) == {"ok": True, "late": True}
+    finally:
+        t.join()
+        srv.close()

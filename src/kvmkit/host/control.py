@@ -37,6 +37,8 @@ MAX_REQUEST = 64 * 1024        # bytes in one request line, newline excluded
 MAX_DISCARD = 1024 * 1024      # bytes of an oversized line skipped to find its end before the client is dropped
 MAX_REPLY = 16 * 1024 * 1024   # what a client accepts as one reply line
 MAX_CLIENTS = 8
+LISTEN_BACKLOG = 64            # connections the kernel holds before accept(); more get EAGAIN
+CONNECT_RETRY_S = 0.01         # a client's pause before it tries a full backlog again
 IDLE_TIMEOUT = 30.0            # seconds a connection may wait between requests
 LINE_TIMEOUT = 10.0            # seconds from a request's first byte to its newline
 SEND_TIMEOUT = 5.0             # seconds a reply may wait for a client that does not read
@@ -219,7 +221,7 @@ class ControlSocket:
                 os.chmod(self.path, 0o600)
                 st = os.stat(self.path)
                 self._ident = (st.st_dev, st.st_ino)
-                self._sock.listen(16)
+                self._sock.listen(LISTEN_BACKLOG)
         except OSError as e:
             self._abandon()
             raise KvmkitError(f"cannot listen on the control socket {self.path}: {e.strerror}.") from None
@@ -433,10 +435,19 @@ def request(path: Path, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, 
     """Send one request and read its reply (``ok`` false included); OSError if nobody answers at ``path``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(obj).encode() + b"\n")
         deadline = time.monotonic() + timeout
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:
+                # The listen backlog is full (other clients, or a flood, not yet
+                # accepted): a busy VM, not a dead one. Try again until the deadline.
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("the listen backlog stayed full") from None
+                time.sleep(CONNECT_RETRY_S)
+        s.sendall(json.dumps(obj).encode() + b"\n")
         buf = bytearray()
         while b"\n" not in buf:
             if len(buf) > MAX_REPLY:
