@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -49,6 +49,24 @@ def disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.iterdir())
 
 
+def timed_restore(snap: Path, answered: Callable[[VirtualMachine], None]) -> tuple[float, float]:
+    """Seconds from restore() to a built machine, and to ``answered`` returning on the started VM."""
+    t0 = time.monotonic()
+    vm = VirtualMachine.restore(snap)
+    try:
+        t_built = time.monotonic() - t0
+        vm.start()
+        answered(vm)
+        return t_built, time.monotonic() - t0
+    finally:
+        vm.close()
+
+
+def _uname(vm: VirtualMachine) -> None:
+    vm.console.send("uname -r\n")
+    vm.console.wait_for("amd64", 120)
+
+
 def bundled_round(mem: str, work: Path) -> dict[str, Any]:
     snap = work / f"snap-{mem}"
     shutil.rmtree(snap, ignore_errors=True)
@@ -62,15 +80,7 @@ def bundled_round(mem: str, work: Path) -> dict[str, Any]:
         taken = vm.snapshot(snap)
     finally:
         vm.close()
-    t0 = time.monotonic()
-    vm = VirtualMachine.restore(snap)
-    try:
-        t_built = time.monotonic() - t0
-        vm.start()
-        _answer(vm, "restored-answer", 60)
-        restore = time.monotonic() - t0
-    finally:
-        vm.close()
+    t_built, restore = timed_restore(snap, lambda vm: _answer(vm, "restored-answer", 60))
     return {"cold_s": cold, "snapshot_s": taken["total_s"], "pause_s": taken["pause_s"],
             "state_s": taken["state_s"], "memory_s": taken["memory_s"], "restore_s": restore,
             "restore_build_s": t_built, "memory_bytes": taken["memory_bytes"],
@@ -92,19 +102,11 @@ def linux_round(work: Path) -> dict[str, Any]:
         vm.console.wait_for("# ", 600)
         cold = time.monotonic() - t0
         vm.console.send("uname -r\n")
-        release = vm.console.wait_for("amd64", 120).strip().splitlines()[-1]
+        release = vm.console.wait_for("amd64", 120).strip().splitlines()[-1]  # the cold run keeps the text
         taken = vm.snapshot(snap)
     finally:
         vm.close()
-    t0 = time.monotonic()
-    vm = VirtualMachine.restore(snap)
-    try:
-        vm.start()
-        vm.console.send("uname -r\n")
-        vm.console.wait_for("amd64", 120)
-        restore = time.monotonic() - t0
-    finally:
-        vm.close()
+    _, restore = timed_restore(snap, _uname)
     return {"release": release, "cold_to_prompt_s": cold, "snapshot_s": taken["total_s"],
             "restore_to_uname_s": restore, "cold_over_restore": cold / restore,
             "memory_bytes": taken["memory_bytes"], "disk_bytes": disk_bytes(snap)}

@@ -135,7 +135,7 @@ class HostStream:
         # Called with every batch of guest output as it is taken (device thread,
         # lock held): readers such as the panic watch, which must see bytes the
         # host end never takes (no client connected) too.
-        self.watchers: list[Callable[[bytes], None]] = []
+        self.watchers: list[Callable[[bytes | bytearray | memoryview], None]] = []
         # Called on the loop thread before each write to the backend (the
         # boot status line erases itself there, before the guest's text).
         self.before_write: Callable[[], None] | None = None
@@ -182,7 +182,7 @@ class HostStream:
     def _watch(self, data: bytes | bytearray | memoryview) -> None:
         for watcher in self.watchers:
             try:
-                watcher(bytes(data))
+                watcher(data)  # no copy here: a watcher that keeps bytes copies them itself
             except Exception:  # a reader's bug must not cost the guest its console
                 log.exception("%s: console watcher failed", self.name)
 
