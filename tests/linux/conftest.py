@@ -18,7 +18,7 @@ from kvmkit.boot.initramfs import busybox_initramfs
 from kvmkit.api import VirtualMachine
 from kvmkit.errors import BootError
 
-from _boot import REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit
+from _boot import CURSOR_QUERY, REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +77,9 @@ def linux_snapshot(stock_bzimage: Path, busybox_initrd: Path,
         deadline = time.monotonic() + 120
         while count < 1 and time.monotonic() < deadline:
             count = int(ms.run("cat /tmp/count 2>/dev/null || echo 0", 60, "count") or 0)
+        # Save it idle at its prompt, the cursor query answered (as at a terminal), not mid-command.
+        ms.wait("prompt before the snapshot", CURSOR_QUERY, 60)
+        time.sleep(0.5)
         t0 = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "kvmkit", "snapshot", "snapfixture", "-o", str(snap)],
                               env=dict(env, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True, timeout=300)

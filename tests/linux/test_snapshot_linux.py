@@ -5,9 +5,9 @@ The session fixture (tests/linux/conftest.py) boots it with `kvmkit run
 that counts; `kvmkit snapshot NAME -o DIR` saves it and the VM is killed.
 `kvmkit run --restore DIR` then continues it: the file is
 there, the counter goes on from where it was (not from zero, not from a
-reboot), `uname -r` answers, and the restore takes a small fraction of the
-cold boot (both printed, and the restore to the answered `uname -r` asserted
-under 20 s: the goal is under 1 s, benchmarks/snapshot.py measures it).
+reboot), and a `uname -r` typed at once is answered in under a second
+from kvmkit's start (three restores; the best must make it, all are
+printed beside the cold boot; benchmarks/snapshot.py --linux takes the median).
 
 A second test restores two fresh copies of that one boot through the API:
 each is its own.
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -30,15 +32,35 @@ from _boot import REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
+RELEASE = re.compile(rb"\n(6\.1\.0-\d+-amd64)\r?\n")
+
+
+def restore_to_uname(snap: Path, env: dict[str, str]) -> float:
+    """Seconds from starting `kvmkit run --restore SNAP` (Python start-up included) to the answer of a
+    `uname -r` typed at once, as a user at a terminal sees it (the reader answers cursor queries)."""
+    proc, master, ms = start_kvmkit_argv(["--restore", str(snap)], env)
+    try:
+        os.write(master, b"uname -r\r")
+        return ms.wait("uname -r", RELEASE, 60)
+    finally:
+        finish_kvmkit(proc, master, ms, lambda name, value: None)
+
+
 def test_restore_with_the_cli_goes_on_from_the_snapshot(linux_snapshot: LinuxSnapshot,
                                                         record_property: Callable[[str, object], None]) -> None:
     snap, env, before = linux_snapshot.path, linux_snapshot.env, linux_snapshot.count
     t_prompt, t_snapshot = linux_snapshot.boot_to_prompt_s, linux_snapshot.snapshot_s
+    # kvmkit's bytecode compiled, as an installed package has it: with
+    # PYTHONDONTWRITEBYTECODE (set on these machines) each start would
+    # compile it again, about 0.15 s here.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "kvmkit")], check=False)
+    t_unames = [restore_to_uname(snap, env) for _ in range(2)]
     proc, master, ms = start_kvmkit_argv(["--restore", str(snap), "--stats"], env)
     try:
-        os.write(master, b"\r")
-        uname = ms.run("uname -r", 60, "uname -r")
-        t_uname = ms.times["uname -r"]
+        os.write(master, b"uname -r\r")
+        ms.wait("uname -r", RELEASE, 60)
+        t_unames.append(ms.times["uname -r"])
+        uname = RELEASE.search(ms.buf).group(1).decode()
         kept = ms.run("cat /tmp/snapfile", 60, "file")
         c1 = int(ms.run("cat /tmp/count", 60, "count 1"))
         # The nested-PVM profile slows the guest's clock tenfold (tsc_early_khz):
@@ -52,15 +74,19 @@ def test_restore_with_the_cli_goes_on_from_the_snapshot(linux_snapshot: LinuxSna
     finally:
         stderr = finish_kvmkit(proc, master, ms, record_property)
         print(stderr, file=sys.stderr)
-    print(f"cold boot to the prompt {t_prompt:.1f} s; snapshot {t_snapshot:.2f} s; "
-          f"restore to an answered uname -r {t_uname:.2f} s ({t_prompt / t_uname:.0f}x)", file=sys.stderr)
-    record_property("restore to uname -r (s)", round(t_uname, 2))
-    assert re.fullmatch(r"6\.1\.0-\d+-amd64", uname.strip()), uname
+    t_uname = statistics.median(t_unames)
+    print(f"cold boot to the prompt {t_prompt:.1f} s; snapshot {t_snapshot:.2f} s; restore to an answered "
+          f"uname -r {', '.join(f'{t:.2f}' for t in t_unames)} s (median {t_uname:.2f} s, "
+          f"{t_prompt / t_uname:.0f}x faster than the boot)", file=sys.stderr)
+    record_property("restore to uname -r (s)", [round(t, 2) for t in t_unames])
+    assert re.fullmatch(r"6\.1\.0-\d+-amd64", uname), uname
     assert kept.strip() == "kept-in-ram"
     assert before <= c1 <= before + 30, (before, c1)   # from where it was: not zero, not a reboot
     assert c2 > c1, (c1, c2)                           # and it goes on counting
     assert status == 0, stderr
-    assert t_uname < 20, f"restore to an answered uname -r took {t_uname:.1f} s"
+    # The goal: a booted Linux back and answering in under a second. The best
+    # of three must make it; host noise only ever adds.
+    assert min(t_unames) < 1.0, f"restore to an answered uname -r took {t_unames} s"
 
 
 def test_fresh_copies_of_one_booted_guest_are_independent(linux_vm: Callable[[], VirtualMachine]) -> None:
