@@ -24,6 +24,7 @@ import pytest
 
 from _virtio import DISK_BYTES, BLK, CONSOLE, LSPCI_FUNC, RNG, stream, summaries
 from kvmkit import VirtualMachine
+from kvmkit.errors import KvmkitError
 from kvmkit.host.backends import SocketPairBackend
 
 pytestmark = pytest.mark.kvm
@@ -56,6 +57,17 @@ def test_lspci_finds_kvmkits_devices_and_the_guest_moves_bar4_below_4g(image):
     assert summaries(BLK, out, 1)[0]["result"] == "ok"
     assert re.search(r"^pci: \d+ configuration space accesses$", out, re.M), out
     assert re.search(r"^virtio-blk0 \(00:01\.0\): [1-9]\d* kicks, [1-9]\d* MSI-X, 0 INTx, 0 ring errors$", out, re.M), out
+
+
+def test_a_share_is_a_virtio_9p_function_and_a_symlinked_share_is_refused(tmp_path):
+    (tmp_path / "dir").mkdir()
+    _, out = run("lspci", shares=[f"{tmp_path / 'dir'}:hostshare", f"{tmp_path}:other,ro"])
+    funcs = [m.groupdict() for m in LSPCI_FUNC.finditer(out) if m["vendor"] == "1af4"]
+    assert [(f["device"], f["cls"]) for f in funcs] == [("1049", "018000"), ("1049", "018000")], out
+    assert re.search(r"^virtio-9p0 \(00:01\.0\): 0 kicks", out, re.M), out
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    with pytest.raises(KvmkitError, match="is a symlink"):
+        VirtualMachine(shares=[str(tmp_path / "link")])
 
 
 BLK_MODES = [("irq", "", 1, 1), ("irq", "no-event-idx", 0, 1), ("intx", "", 1, 1), ("poll", "no-event-idx no-indirect", 0, 0)]

@@ -38,6 +38,8 @@ from .fetch import kernel_package
 # The modules a Linux guest needs to find a virtio-pci root disk (ext4), its
 # virtio console and its virtio entropy source.
 VIRTIO_ROOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio-rng", "ext4")
+# And what it needs to mount a ``--share`` (virtio-9p; 9p pulls in 9pnet, netfs and fscache).
+SHARE_MODULES = ("9p", "9pnet_virtio")
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 SHDR_SIZE = 64

@@ -90,6 +90,29 @@ class ShareError(KvmkitError):
     """A host directory that cannot be shared."""
 
 
+RESERVED_FDS = 1024    # kept for everything else kvmkit opens (disks, sockets, eventfds, ...)
+MIN_FIDS = 64
+
+
+def share_fid_limit(shares: int) -> int:
+    """Fids each of ``shares`` servers may hold, so that the guest meets ENFILE before kvmkit meets EMFILE.
+
+    A fid holds one fd, two once opened. The soft RLIMIT_NOFILE is raised to
+    the hard limit first (the usual 1024 would leave a share a few hundred
+    fids: a guest ``find`` or ``tar`` holds many directories open at once).
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ValueError, OSError):
+            pass
+    per_share = (soft - RESERVED_FDS) // (2 * max(1, shares))
+    return max(MIN_FIDS, min(4096, per_share))
+
+
 def _oserror(what: str) -> OSError:
     e = ctypes.get_errno()
     return OSError(e, os.strerror(e), what)
@@ -191,8 +214,13 @@ class P9Server:
         if not os.path.isdir(_PROC_FD):
             raise ShareError("sharing a directory needs /proc mounted (kvmkit reopens files through /proc/self/fd)")
         try:
-            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            # O_NOFOLLOW: a symlink planted at the name the user gave must not
+            # hand the guest whatever it points to (the host's / for one).
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self.root):
+                raise ShareError(f"cannot share {self.root}: it is a symlink; give the directory's own path "
+                                 f"({os.path.realpath(self.root)}) if you mean to share it") from None
             raise ShareError(f"cannot share {self.root}: {e.strerror}; give an existing directory") from None
         self._devs = {os.fstat(self._root_fd).st_dev: 0}
         self._fids: dict[int, _Fid] = {}

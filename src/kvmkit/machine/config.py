@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import KvmkitError
 from ..boot.mptable import MAX_CPUS  # APIC IDs 0..N-1 and the IOAPIC's must fit the MP table
 from ..host.backends import backend_kind
+from ..devices.virtio.p9 import MAX_TAG, valid_tag
 from ..memory import MiB
 
 SERIAL_PORTS = 4                 # COM1..COM4
@@ -120,6 +121,41 @@ def parse_disk(text: str) -> DiskSpec:
     return DiskSpec(Path(path), read_only, serial)
 
 
+MAX_SHARES = 8
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """One ``--share``: a host directory served over virtio-9p under a mount tag, read-only or not."""
+
+    path: Path
+    tag: str
+    read_only: bool = False
+
+
+def parse_share(text: str, index: int = 0) -> ShareSpec:
+    """``HOSTDIR[:TAG][,ro]`` -> ShareSpec; the tag defaults to ``share0``, ``share1``, ... by position.
+
+    The tag is what the guest mounts (``mount -t 9p -o trans=virtio TAG /mnt``).
+    """
+    body, read_only = text, None
+    while True:
+        head, sep, word = body.rpartition(",")
+        if not (sep and word in ("ro", "rw")):
+            break
+        if read_only is None:  # the last word given wins
+            read_only = word == "ro"
+        body = head
+    path, sep, tag = body.rpartition(":")
+    if not sep or "/" in tag:  # no tag given (a ':' inside the path is part of it)
+        path, tag = body, f"share{index}"
+    if not path:
+        raise KvmkitError(f"--share {text!r} names no directory; write HOSTDIR[:TAG][,ro].")
+    if not valid_tag(tag):
+        raise KvmkitError(f"--share tag {tag!r} must be 1 to {MAX_TAG} letters, digits, '_', '.' or '-'.")
+    return ShareSpec(Path(path), tag, bool(read_only))
+
+
 @dataclass
 class VmConfig:
     """A machine as the user asked for it. Validated when built; plain values only.
@@ -150,11 +186,12 @@ class VmConfig:
     console: str = "serial"        # where the guest's console is: COM1, or virtio-console (hvc0)
     virtio_console: bool = False   # a virtio-console device (always with console="virtio")
     rng: bool = False              # virtio-rng, fed from getrandom()
+    shares: list[ShareSpec] = field(default_factory=list)  # virtio-9p host directories (docs/virtio.md)
 
     @property
     def has_pci(self) -> bool:
         """Whether the machine gets a PCI bus (it does as soon as it has a PCI device)."""
-        return bool(self.disks) or self.virtio_console or self.rng
+        return bool(self.disks) or self.virtio_console or self.rng or bool(self.shares)
 
     def __post_init__(self) -> None:
         if isinstance(self.mem_size, str):
@@ -181,6 +218,13 @@ class VmConfig:
         self.disks = [parse_disk(d) if isinstance(d, str) else d for d in self.disks]
         if len(self.disks) > MAX_DISKS:
             raise KvmkitError(f"{len(self.disks)} disks is more than kvmkit supports; give at most {MAX_DISKS}.")
+        self.shares = [parse_share(x, i) if isinstance(x, str) else x for i, x in enumerate(self.shares)]
+        if len(self.shares) > MAX_SHARES:
+            raise KvmkitError(f"{len(self.shares)} shares is more than kvmkit supports; give at most {MAX_SHARES}.")
+        tags = [x.tag for x in self.shares]
+        if len(set(tags)) != len(tags):
+            raise KvmkitError(f"two --share directories have the same tag ({', '.join(tags)}); give each its own "
+                              "with HOSTDIR:TAG.")
         if self.console not in CONSOLES:
             raise KvmkitError(f"unknown console {self.console!r}; choose {' or '.join(CONSOLES)}.")
         if self.console == "virtio":
@@ -189,6 +233,6 @@ class VmConfig:
                 raise KvmkitError("--console virtio takes COM1's backend (and keeps COM1 for early boot messages); "
                                   "do not turn COM1 off.")
         if self.has_pci and not self.irqchip:
-            raise KvmkitError("PCI devices need the in-kernel irqchip; drop --disk/--rng/--console virtio or enable it.")
+            raise KvmkitError("PCI devices need the in-kernel irqchip; drop --disk/--share/--rng/--console virtio or enable it.")
         if self.script is not None and self.kernel is not None:
             raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")

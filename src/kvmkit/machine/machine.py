@@ -24,11 +24,13 @@ from ..devices.misc import ExitPort, PortSink
 from ..errors import KvmkitError
 from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.p9 import VirtioP9
 from ..devices.virtio.rng import VirtioRng
 from ..host.backends import Backend, NullBackend, SharedOutputBackend, parse_backend
 from ..host.blockfile import RawImage
 from ..host.files import read_user_file
 from ..host.loop import EventLoop
+from ..host.p9server import P9Server, share_fid_limit
 from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap
 from ..kvm.state import restore_vcpu, restore_vm, save_vcpu, save_vm
 from ..kvm.system import Kvm, KvmError, Vm
@@ -105,6 +107,7 @@ class Machine:
         self.pci: PciHost | None = None
         self.virtio: list[VirtioPciDevice] = []
         self.disk_images: list[RawImage] = []
+        self.share_servers: list[P9Server] = []
         self.hvc: VirtioConsoleEnd | None = None
         self.quirks: Quirks | None = None
         self.boot_info: BootInfo | None = None
@@ -269,6 +272,13 @@ class Machine:
             self._add_virtio("virtio-console", self.hvc.console, worker=False)
         if cfg.rng:
             self._add_virtio("virtio-rng", VirtioRng(os.getrandom), worker=False)
+        if cfg.shares:
+            max_fids = share_fid_limit(len(cfg.shares))
+            for i, share in enumerate(cfg.shares):
+                server = P9Server(share.path, readonly=share.read_only, max_fids=max_fids)
+                self.share_servers.append(server)
+                # A worker thread: file I/O can block, and a vCPU must not wait on it.
+                self._add_virtio(f"virtio-9p{i}", VirtioP9(server, share.tag), worker=True)
 
     def _add_virtio(self, name: str, device: VirtioDevice, worker: bool) -> None:
         assert self.mem is not None and self.vm is not None and self.pci is not None
@@ -621,6 +631,9 @@ class Machine:
         for image in self.disk_images:
             image.close()
         self.disk_images = []
+        for server in self.share_servers:
+            server.close()
+        self.share_servers = []
         try:
             self.loop.close()
         except Exception:

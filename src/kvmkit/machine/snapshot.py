@@ -47,7 +47,7 @@ from ..kvm import structs as ks
 from ..kvm.state import VcpuState, VmState
 from ..host.loop import EventLoop
 from ..memory import GuestMemory, MemoryRegion, ram_layout
-from .config import DiskSpec, VmConfig
+from .config import DiskSpec, ShareSpec, VmConfig
 from .lifecycle import call_elsewhere
 
 FORMAT = "kvmkit-snapshot"
@@ -197,6 +197,7 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
         "quirks": cfg.quirks, "pv_clockevent": cfg.pv_clockevent,
         "disks": [{"path": str(d.path), "read_only": d.read_only, "serial": d.serial} for d in cfg.disks],
         "console": cfg.console, "virtio_console": cfg.virtio_console, "rng": cfg.rng,
+        "shares": [{"path": str(x.path), "tag": x.tag, "read_only": x.read_only} for x in cfg.shares],
     }
 
 
@@ -205,6 +206,8 @@ def config_from_dict(d: Any, serial: list[str] | None) -> VmConfig:
     try:
         disks = [DiskSpec(Path(_typed(x["path"], str)), bool(_typed(x["read_only"], bool)),
                           None if x["serial"] is None else _typed(x["serial"], str)) for x in _typed(d["disks"], list)]
+        shares = [ShareSpec(Path(_typed(x["path"], str)), _typed(x["tag"], str), bool(_typed(x["read_only"], bool)))
+                  for x in _typed(d.get("shares", []), list)]
         clear = {(_typed(leaf, int), _typed(reg, str)): _typed(bits, int) for leaf, reg, bits in _typed(d["cpuid_clear"], list)}
         saved_serial = [_typed(x, str) for x in _typed(d["serial"], list)]
         if serial is not None:
@@ -218,7 +221,7 @@ def config_from_dict(d: Any, serial: list[str] | None) -> VmConfig:
             serial_fifo=_typed(d["serial_fifo"], bool), serial_pace=_typed(d["serial_pace"], bool),
             irqchip=_typed(d["irqchip"], bool), cpuid_clear=clear, quirks=_typed(d["quirks"], str),
             pv_clockevent=_typed(d["pv_clockevent"], bool), disks=disks, console=_typed(d["console"], str),
-            virtio_console=_typed(d["virtio_console"], bool), rng=_typed(d["rng"], bool))
+            virtio_console=_typed(d["virtio_console"], bool), rng=_typed(d["rng"], bool), shares=shares)
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's machine configuration is damaged ({e}); take the snapshot again.") from None
 

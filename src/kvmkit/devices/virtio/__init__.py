@@ -22,6 +22,7 @@ VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
+VIRTIO_ID_9P = 9
 
 # --- device status bits (§2.1) -------------------------------------------------
 ACKNOWLEDGE = 1

@@ -81,6 +81,7 @@ from . import (
     VIRTIO_ID_CONSOLE,
     VIRTIO_ID_NET,
     VIRTIO_ID_RNG,
+    VIRTIO_ID_9P,
     VIRTIO_MSI_NO_VECTOR,
 )
 from ..state import StateReader
@@ -138,6 +139,7 @@ _CLASS_CODES = {
     VIRTIO_ID_BLOCK: 0x010000,    # mass storage, SCSI (what guests expect of virtio-blk)
     VIRTIO_ID_CONSOLE: 0x078000,  # simple communication controller, other
     VIRTIO_ID_RNG: 0xFF0000,      # unassigned class
+    VIRTIO_ID_9P: 0x018000,       # mass storage, other (a file share)
 }
 
 _TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC)
