@@ -156,3 +156,27 @@ def test_a_command_for_linux_is_packed_into_the_initramfs(tmp_path: Path):
     assert start % 4 == 0
     overlay = {e.name: e for e in read_cpio(combined[start:])}
     assert script in overlay[RUNNER].data.decode() and overlay[RUNNER].mode & 0o111
+
+
+def test_the_host_root_command_runs_chrooted_in_the_share_from_the_host_cwd(tmp_path: Path):
+    """`kvmkit run -k KERNEL --share /:hostroot,ro -- CMD`: /init mounts the share, puts tmpfs over the
+    places a command writes, and runs CMD chrooted there from the host's working directory. The shell
+    logic runs here with mount and chroot stubbed (the boot is tests/linux/test_run_command.py)."""
+    from kvmkit.boot.initramfs import HOSTROOT_TAG, hostroot_stage
+    argv = ["sh", "-c", 'pwd; echo "$0"; exit 4', "a b"]
+    stubs = 'mount() { echo "mount $*" >&2; return 0; }\nchroot() { shift; "$@"; }\n'
+    stage = hostroot_stage(argv, True, str(tmp_path))
+    out = subprocess.run(["sh", "-c", stubs + stage + "echo status=$status"], capture_output=True, text=True)
+    assert out.stdout.split("\n")[:3] == [str(tmp_path), "a b", "status=4"], out
+    assert f"mount -t 9p -o trans=virtio,version=9p2000.L,ro {HOSTROOT_TAG} /newroot" in out.stderr
+    assert "mount --bind /proc /newroot/proc" in out.stderr
+    failing = 'mount() { return 32; }\n'
+    out = subprocess.run(["sh", "-c", failing + stage + "echo status=$status"], capture_output=True, text=True)
+    assert "could not be mounted" in out.stdout and "status=125" in out.stdout
+    assert ",ro " not in hostroot_stage(argv, False, "/")
+
+
+def test_the_host_root_command_needs_kvmkits_own_initramfs(tmp_path: Path):
+    (tmp_path / "i.img").write_bytes(b"070701" + b"0" * 200)
+    p = kvmkit("run", "-k", str(tmp_path / "k"), "-i", str(tmp_path / "i.img"), "--share", "/:hostroot,ro", "--", "true")
+    assert p.returncode != 0 and "drop -i" in p.stderr, p.stderr

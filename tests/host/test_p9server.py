@@ -748,3 +748,16 @@ def test_random_sessions_never_raise_nor_escape(fuzz_session: tuple[P9Server, Cl
         check_reply(request, server.handle(request), server.msize)
     assert server.fid_count <= server.max_fids
 
+
+
+def test_a_share_of_the_host_root_does_not_enter_proc_or_sys() -> None:
+    """`--share /:hostroot,ro` hands the guest the host's files, not the kernel's pseudo filesystems:
+    /proc would show every host process's memory and environment to the user kvmkit runs as."""
+    with P9Server("/", readonly=True) as server:
+        c = Client(server)
+        c.version()
+        c.attach()
+        assert c.walk(ROOT_FID, 1, "etc")                      # an ordinary directory: fine
+        for name in ("proc", "sys"):
+            assert c.error(w.TWALK, fid=ROOT_FID, newfid=2, wnames=[name]) == errno.EACCES
+        assert len(c.walk(1, 2, "..", "proc", "self")) == 1    # a partial walk: it stops before /proc

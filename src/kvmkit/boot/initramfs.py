@@ -428,7 +428,39 @@ RUNNER = "kvmkit-run"  # the overlay's init, for a user's initramfs (rdinit=/kvm
 EXIT_PORT_OFFSET = 0x501  # kvmkit's exit port, as an offset into /dev/port
 
 
-def command_script(argv: Sequence[str]) -> str:
+HOSTROOT_TAG = "hostroot"  # a --share with this tag becomes the command's root filesystem
+HOSTROOT_TMPFS = ("tmp", "run", "var/tmp", "root")  # writable over a read-only host root
+HOSTROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def hostroot_stage(argv: Sequence[str], read_only: bool, cwd: str = "/") -> str:
+    """Shell that mounts the ``hostroot`` share at /newroot and runs ``argv`` chrooted in it; sets ``status``.
+
+    The kernel developer's loop (lkvm sandbox, virtme-ng): the command runs
+    with the host's own programs and libraries, read over 9P, while the
+    guest's writes to /tmp, /run, /var/tmp and /root go to tmpfs and vanish
+    with the VM. The pseudo filesystems are bind-mounted in; the command
+    starts in ``cwd`` (the host's working directory) when the guest sees it.
+    """
+    import shlex
+    opts = "trans=virtio,version=9p2000.L" + (",ro" if read_only else "")
+    tmpfs = " ".join(HOSTROOT_TMPFS)
+    return (
+        f"if mount -t 9p -o {opts} {HOSTROOT_TAG} /newroot; then\n"
+        f"    for d in {tmpfs}; do [ -d /newroot/$d ] && mount -t tmpfs -o mode=1777 tmpfs /newroot/$d; done\n"
+        "    for fs in proc sys dev; do mount --bind /$fs /newroot/$fs; done\n"
+        f"    PATH={HOSTROOT_PATH} HOME=/root chroot /newroot /bin/sh -c "
+        "'cd \"$1\" 2>/dev/null || cd /; shift; exec \"$@\"' kvmkit-run "
+        f"{shlex.quote(cwd)} {shlex.join(argv)}\n"
+        "    status=$?\n"
+        "else\n"
+        f"    echo 'kvmkit-run: the host root (--share ...:{HOSTROOT_TAG}) could not be mounted'\n"
+        "    status=125\n"
+        "fi\n"
+    )
+
+
+def command_script(argv: Sequence[str], hostroot: tuple[bool, str] | None = None) -> str:
     """Shell that runs ``argv`` and hands its exit status to kvmkit through the exit port.
 
     The words are quoted for the shell here, on the host, so any argument
@@ -436,30 +468,36 @@ def command_script(argv: Sequence[str]) -> str:
     whose quoting is weaker). The status byte goes out through /dev/port at
     the exit port, which ends the VM with that status; ``poweroff -f`` after
     it is the fallback when /dev/port is missing, and ends it with 0.
+    ``hostroot`` (read_only, cwd) runs it chrooted in the ``hostroot`` share
+    instead (:func:`hostroot_stage`).
     """
     if not argv:
         raise BootError("no command was given after --; give one, e.g. kvmkit run -k KERNEL -- uname -a.")
     import shlex
+    run = (hostroot_stage(argv, *hostroot) if hostroot is not None
+           else f"{shlex.join(argv)}\nstatus=$?\n")
     return (
-        f"{shlex.join(argv)}\n"
-        "status=$?\n"
+        f"{run}"
         "printf \"$(printf '\\\\%03o' $((status & 255)))\" | "
         f"dd of=/dev/port bs=1 seek={EXIT_PORT_OFFSET} count=1 2>/dev/null\n"
         "echo \"kvmkit-run: the command exited with status $status, and /dev/port could not report it\"\n"
     )
 
 
-def command_initramfs(argv: Sequence[str], base: bytes | None = None, busybox: Path | None = None) -> bytes:
+def command_initramfs(argv: Sequence[str], base: bytes | None = None, busybox: Path | None = None,
+                      modules: Sequence["ModuleFile"] | None = None,
+                      hostroot: tuple[bool, str] | None = None) -> bytes:
     """An initramfs that runs ``argv`` at boot and ends the VM with its status.
 
     Without ``base``: kvmkit's busybox system with the command as /init's
-    script. With ``base`` (the user's own initramfs, which must have a
-    busybox-like /bin/sh, mount, printf and dd): that archive followed by a
-    second one holding /kvmkit-run, which the kernel unpacks over the first;
-    boot it with ``rdinit=/kvmkit-run``.
+    script (loading ``modules`` first, and with ``hostroot`` running it in
+    the host's root shared over 9P). With ``base`` (the user's own
+    initramfs, which must have a busybox-like /bin/sh, mount, printf and
+    dd): that archive followed by a second one holding /kvmkit-run, which
+    the kernel unpacks over the first; boot it with ``rdinit=/kvmkit-run``.
     """
-    script = command_script(argv)
+    script = command_script(argv, hostroot)
     if base is None:
-        return busybox_initramfs(busybox, script=script)
+        return busybox_initramfs(busybox, script=script, modules=modules)
     overlay = write_cpio([file(RUNNER, init_script(script).encode(), 0o755)])
     return base + b"\0" * _pad_to(len(base), 4) + overlay

@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import KvmkitError
 
 if TYPE_CHECKING:
+    from ..boot.modules import ModuleFile
     from ..machine.config import VmConfig
     from ..machine.machine import Machine
 
@@ -153,17 +154,48 @@ def _command_initrd(args: argparse.Namespace, command: list[str], workdir: Path)
     """The initramfs that runs ``command`` (kvmkit's busybox, or the user's -i with /kvmkit-run over it)."""
     from ..boot import initramfs as ir
     from ..host.files import read_user_file
-    from ..machine.config import parse_size
+    from ..machine.config import parse_share, parse_size
     base = read_user_file(Path(args.initrd), "initrd", parse_size(args.mem)) if args.initrd else None
     if base is not None:
         from ..boot.linux import check_initrd
         check_initrd(base, f"initrd file {args.initrd}")  # before the overlay hides what the user gave
-    data = ir.command_initramfs(command, base)
+    modules, hostroot = None, None
+    share = next((x for x in (parse_share(t, i) for i, t in enumerate(args.share)) if x.tag == ir.HOSTROOT_TAG), None)
+    if share is not None:
+        if base is not None:
+            raise KvmkitError(f"a --share tagged {ir.HOSTROOT_TAG} runs the command in the host's root from kvmkit's "
+                              "own initramfs; drop -i.")
+        modules = _share_modules(Path(args.kernel))
+        hostroot = (share.read_only, _guest_cwd(share.path))
+    data = ir.command_initramfs(command, base, modules=modules, hostroot=hostroot)
     path = workdir / "initrd.img"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
+
+
+def _share_modules(kernel: Path) -> list["ModuleFile"]:
+    """The kernel's virtio-pci and 9P modules: from the host's /lib/modules/<version> if it has that
+    version (the kernel the host runs, the usual case for a developer), else from Debian's package."""
+    from ..boot.inspect import describe_kernel
+    from ..boot.modules import SHARE_MODULES, find_modules, resolve_modules
+    version = (describe_kernel(kernel).get("kernel_version") or "").split(" ")[0]
+    if not version:
+        raise KvmkitError(f"{kernel} does not say its version, so kvmkit cannot find its 9P modules; "
+                          "build an initramfs with 'kvmkit initramfs --modules DIR' and mount the share yourself.")
+    host_tree = Path("/lib/modules") / version
+    tree = find_modules(host_tree if (host_tree / "modules.order").exists() else version)
+    return resolve_modules(tree, ["virtio_pci", *SHARE_MODULES])
+
+
+def _guest_cwd(share_root: Path) -> str:
+    """Where the command starts in the guest: the host's working directory as the share shows it, else /."""
+    cwd, root = Path.cwd().resolve(), share_root.resolve()
+    try:
+        return "/" + str(cwd.relative_to(root)).removeprefix(".")
+    except ValueError:
+        return "/"
 
 
 def _booting_line(machine: "Machine", args: argparse.Namespace, command: list[str] | None) -> str:

@@ -124,6 +124,42 @@ def _check_name(name: str) -> None:
         raise OSError(errno.EINVAL, "not a single file name", name)
 
 
+# Kernel pseudo filesystems a share never enters (statfs f_type): a share of / would otherwise hand the
+# guest the host's /proc (every process's memory and environment to the user kvmkit runs as), /sys and
+# their kin. Device nodes need no entry here: only regular files and directories are ever opened.
+PSEUDO_FS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x1CD1: "devpts", 0x64626720: "debugfs", 0x74726163: "tracefs",
+    0x73636673: "securityfs", 0x63677270: "cgroup2", 0x27E0EB: "cgroup", 0xCAFE4A11: "bpf",
+    0x62656570: "configfs", 0xDE5E81E4: "efivarfs", 0x6E736673: "nsfs", 0x42494E4D: "binfmt_misc",
+    0x50495045: "pipefs", 0x534F434B: "sockfs", 0x19800202: "mqueue", 0x67596969: "rpc_pipefs",
+    0xF97CFF8C: "selinuxfs", 0x6165676C: "pstore",
+}
+_STATFS_SIZE = 120
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_type(fd: int) -> int:
+    """statfs f_type of the filesystem ``fd`` is on."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _fstatfs(fd, buf) != 0:
+        raise _oserror("fstatfs")
+    return int.from_bytes(buf.raw[:8], "little", signed=True) & 0xFFFFFFFF
+
+
+def _refuse_pseudo(parent: int, fd: int, name: str) -> None:
+    """A mount point into a pseudo filesystem is a wall: EACCES, as if the guest may not look."""
+    try:
+        kind = PSEUDO_FS.get(fs_type(fd)) if os.fstat(fd).st_dev != os.fstat(parent).st_dev else None
+    except OSError:
+        os.close(fd)
+        raise
+    if kind is not None:
+        os.close(fd)
+        raise OSError(errno.EACCES, f"{kind} is a kernel pseudo filesystem, not shared", name)
+
+
 def open_beneath(dirfd: int, name: str) -> int:
     """An O_PATH fd for entry ``name`` of the directory ``dirfd``, the entry itself even if it is a symlink.
 
@@ -140,11 +176,14 @@ def open_beneath(dirfd: int, name: str) -> int:
         fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(name)),
                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
         if fd >= 0:
+            _refuse_pseudo(dirfd, fd, name)
             return fd
         if ctypes.get_errno() != errno.ENOSYS:
             raise _oserror(name)
         openat2_available = False
-    return os.open(name, _O_LOOKUP, dir_fd=dirfd)
+    fd = os.open(name, _O_LOOKUP, dir_fd=dirfd)
+    _refuse_pseudo(dirfd, fd, name)
+    return fd
 
 
 def _proc(fd: int) -> str:
