@@ -33,7 +33,7 @@ from typing import Callable
 
 from .errors import KvmkitError
 from .host.backends import Backend, NullBackend, SocketPairBackend
-from .machine.config import DiskSpec, ShareSpec, VmConfig
+from .machine.config import DiskSpec, NetSpec, ShareSpec, VmConfig
 from .machine.machine import Machine
 
 __all__ = ["ConsoleTap", "ConsoleTimeout", "VirtualMachine", "VmTimeout"]
@@ -196,10 +196,13 @@ class VirtualMachine:
                  extra_ports: list[Backend | None] | None = None,
                  cpuid_clear: dict[tuple[int, str], int] | None = None, quirks: str = "auto",
                  disks: list[str | DiskSpec] | None = None, rng: bool = False, console: str = "serial",
-                 virtio_console: Backend | None = None, shares: list[str | ShareSpec] | None = None) -> None:
+                 virtio_console: Backend | None = None, shares: list[str | ShareSpec] | None = None,
+                 net: str | NetSpec | list[str | NetSpec] | None = None) -> None:
         """``extra_ports``: backends for COM2-COM4 (None: no such port). ``disks``: ``PATH[,ro][,serial=ID]``
         strings or DiskSpecs, virtio-blk. ``shares``: ``HOSTDIR[:TAG][,ro]`` strings or ShareSpecs,
-        virtio-9p. ``console="virtio"`` puts :attr:`console` on hvc0 (COM1 keeps
+        virtio-9p. ``net``: one ``user[,socket=PATH]`` / ``tap[,ifname=NAME]`` spec (``,mac=MAC``
+        optional) or NetSpec, or a list of them, virtio-net cards (a passt kvmkit starts is stopped by
+        :meth:`close`). ``console="virtio"`` puts :attr:`console` on hvc0 (COM1 keeps
         the early boot messages, into the same tap). ``virtio_console``: a virtio-console device with
         its own backend, beside a serial console."""
         self._started = False
@@ -213,7 +216,8 @@ class VirtualMachine:
                           serial_fifo=serial_fifo, serial_pace=serial_pace,
                           cpuid_clear=dict(cpuid_clear or {}), quirks=quirks,
                           disks=list(disks or []), rng=rng, console=console,  # type: ignore[arg-type]
-                          virtio_console=virtio_console is not None, shares=list(shares or []))  # type: ignore[arg-type]
+                          virtio_console=virtio_console is not None, shares=list(shares or []),  # type: ignore[arg-type]
+                          nets=[net] if isinstance(net, (str, NetSpec)) else list(net or []))  # type: ignore[list-item]
         self.console_backend = SocketPairBackend()
         backends: dict[str, Backend | None] = {"COM1": self.console_backend}
         backends.update({f"COM{i + 2}": b for i, b in enumerate(ports[:3])})

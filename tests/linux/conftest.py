@@ -23,11 +23,11 @@ from _boot import CURSOR_QUERY, REPO, LinuxSnapshot, finish_kvmkit, start_kvmkit
 
 @pytest.fixture(scope="session")
 def virtio_initrd(stock_bzimage: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox initramfs with the stock kernel's virtio, ext4 and 9P modules (`kvmkit initramfs --modules VERSION`)."""
-    from kvmkit.boot.modules import SHARE_MODULES, VIRTIO_ROOT_MODULES, find_modules, resolve_modules
+    """A busybox initramfs with the stock kernel's virtio, ext4, 9P and virtio-net modules (`kvmkit initramfs --modules VERSION`)."""
+    from kvmkit.boot.modules import NET_MODULES, SHARE_MODULES, VIRTIO_ROOT_MODULES, find_modules, resolve_modules
     version = stock_bzimage.name.removeprefix("vmlinuz-")
     try:
-        modules = resolve_modules(find_modules(version), [*VIRTIO_ROOT_MODULES, *SHARE_MODULES])
+        modules = resolve_modules(find_modules(version), [*VIRTIO_ROOT_MODULES, *SHARE_MODULES, *NET_MODULES])
         data = busybox_initramfs(modules=modules)
     except BootError as exc:
         pytest.skip(f"no module package or busybox for the virtio initramfs: {exc}")

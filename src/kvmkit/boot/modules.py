@@ -40,6 +40,8 @@ from .fetch import kernel_package
 VIRTIO_ROOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio-rng", "ext4")
 # And what it needs to mount a ``--share`` (virtio-9p; 9p pulls in 9pnet, netfs and fscache).
 SHARE_MODULES = ("9p", "9pnet_virtio")
+# And what it needs for a ``--net`` card (virtio_net pulls in net_failover and failover).
+NET_MODULES = ("virtio_net",)
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 SHDR_SIZE = 64

@@ -56,6 +56,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="append", default=[], metavar="HOSTDIR[:TAG][,ro]",
                    help="a host directory as virtio-9p; in the guest: mount -t 9p -o trans=virtio TAG /mnt "
                         "(TAG defaults to share0, share1, ...); the guest cannot reach outside it; repeatable")
+    p.add_argument("--net", action="append", default=[], metavar="user[,socket=PATH]|tap[,ifname=NAME][,mac=MAC]",
+                   help="a virtio-net card: user = user-mode networking through passt (kvmkit starts one, or "
+                        "connects to yours at socket=PATH; the guest gets an address by DHCP), tap = a host tap "
+                        "interface (needs CAP_NET_ADMIN to create); MAC defaults to a random 02:xx:.. address; "
+                        "repeatable (eth0, eth1, ...)")
     p.add_argument("--console", choices=["serial", "virtio"], default="serial",
                    help="the guest's console: COM1 (serial) or virtio-console hvc0 (COM1 keeps early boot messages)")
     p.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's getrandom()")
@@ -87,7 +92,8 @@ time per exit, per access and per sequence. Needs root (tracefs).
 
 def run_config(args: argparse.Namespace) -> "VmConfig":
     """The VmConfig that ``kvmkit run``'s options describe."""
-    from ..machine.config import VmConfig, parse_cpuid_clear, parse_disk, parse_serial_specs, parse_share, parse_size
+    from ..machine.config import (VmConfig, parse_cpuid_clear, parse_disk, parse_net, parse_serial_specs, parse_share,
+                                  parse_size)
 
     script = " ".join(w for w in args.script if w != "--").strip() or None
     return VmConfig(kernel=Path(args.kernel) if args.kernel else None, initrd=Path(args.initrd) if args.initrd else None,
@@ -95,7 +101,8 @@ def run_config(args: argparse.Namespace) -> "VmConfig":
                     serial=parse_serial_specs(args.serial), serial_fifo=not args.serial_nofifo,
                     serial_pace=args.serial_pace, quirks=args.quirks, cpuid_clear=parse_cpuid_clear(args.cpuid_clear),
                     disks=[parse_disk(d) for d in args.disk], console=args.console, rng=args.rng,
-                    shares=[parse_share(x, i) for i, x in enumerate(args.share)])
+                    shares=[parse_share(x, i) for i, x in enumerate(args.share)],
+                    nets=[parse_net(x) for x in args.net])
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -109,6 +116,7 @@ def _check_writable(path: str, what: str) -> None:
 
 # What a snapshot fixes: with --restore these come from it, and giving them is a mistake worth one sentence.
 _FIXED_BY_SNAPSHOT = (("kernel", "-k"), ("initrd", "-i"), ("append", "-p"), ("disk", "--disk"), ("share", "--share"),
+                      ("net", "--net"),
                       ("serial_nofifo", "--serial-nofifo"), ("serial_pace", "--serial-pace"), ("rng", "--rng"),
                       ("cpuid_clear", "--cpuid-clear"), ("script", "guest commands"))
 
@@ -342,8 +350,9 @@ def _write_initramfs(args: argparse.Namespace, out: BinaryIO) -> int:
         return ir.write_directory_cpio(Path(args.directory), out, compress=args.gzip)
     modules = None
     if args.modules:
-        from ..boot.modules import SHARE_MODULES, VIRTIO_ROOT_MODULES, find_modules, resolve_modules
-        modules = resolve_modules(find_modules(args.modules), args.module or [*VIRTIO_ROOT_MODULES, *SHARE_MODULES])
+        from ..boot.modules import NET_MODULES, SHARE_MODULES, VIRTIO_ROOT_MODULES, find_modules, resolve_modules
+        modules = resolve_modules(find_modules(args.modules),
+                                  args.module or [*VIRTIO_ROOT_MODULES, *SHARE_MODULES, *NET_MODULES])
         print(f"kvmkit: modules, in load order: {' '.join(m.name for m in modules)}", file=sys.stderr)
     data = ir.busybox_initramfs(Path(args.busybox) if args.busybox else None, compress=args.gzip, modules=modules)
     out.write(data)
@@ -437,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("--modules", metavar="DIR|VERSION",
                     help="pack kernel modules and load them at boot, then mount root= if the command line names one: "
                          "a /lib/modules/<version> tree, or a Debian kernel version whose package is fetched "
-                         "(default modules: virtio_pci, virtio_blk, virtio_console, virtio-rng, ext4, 9p, 9pnet_virtio)")
+                         "(default modules: virtio_pci, virtio_blk, virtio_console, virtio-rng, ext4, 9p, 9pnet_virtio, "
+                         "virtio_net)")
     ir.add_argument("--module", action="append", default=[], metavar="NAME",
                     help="with --modules: a module to pack instead of the default set (repeatable)")
     rf = sub.add_parser("rootfs", help="build an ext4 root disk image (a busybox system, or a directory)")

@@ -11,12 +11,14 @@ KVM object exists.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import KvmkitError
 from ..boot.mptable import MAX_CPUS  # APIC IDs 0..N-1 and the IOAPIC's must fit the MP table
 from ..host.backends import backend_kind
+from ..host.tap import valid_ifname
 from ..devices.virtio.p9 import MAX_TAG, valid_tag
 from ..memory import MiB
 
@@ -156,6 +158,87 @@ def parse_share(text: str, index: int = 0) -> ShareSpec:
     return ShareSpec(Path(path), tag, bool(read_only))
 
 
+MAX_NETS = 4
+NET_MODES = ("user", "tap")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One ``--net``: user-mode networking through passt, or a host tap interface, and the guest's MAC.
+
+    ``socket``: for ``user``, a passt the user started (None: kvmkit starts
+    one). ``ifname``: for ``tap``, the interface (None: the kernel names it).
+    ``mac``: ``xx:xx:xx:xx:xx:xx``; None until the VmConfig picks one.
+    """
+
+    mode: str
+    socket: Path | None = None
+    ifname: str | None = None
+    mac: str | None = None
+
+
+def parse_mac(text: str) -> str:
+    """A unicast MAC address, written ``02:00:00:aa:bb:cc`` -> its lower-case canonical form."""
+    parts = text.strip().split(":")
+    bad = KvmkitError(f"cannot read MAC address {text!r}; write six hex bytes like 02:00:00:12:34:56.")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise bad
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise bad from None
+    if raw[0] & 1:
+        raise KvmkitError(f"MAC address {text} is a multicast address; a network card needs a unicast one "
+                          "(an even first byte, e.g. 02:...).")
+    if not any(raw):
+        raise KvmkitError("MAC address 00:00:00:00:00:00 is not a card's address; give another.")
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def random_mac() -> str:
+    """A random locally administered unicast address (first byte 02): no vendor's, and two VMs on one
+    bridge do not collide. It is chosen once per VM and a snapshot keeps it."""
+    return ":".join(f"{b:02x}" for b in b"\x02" + os.urandom(5))
+
+
+def parse_net(text: str) -> NetSpec:
+    """``user[,socket=PATH][,mac=MAC]`` or ``tap[,ifname=NAME][,mac=MAC]`` -> NetSpec."""
+    mode, *words = text.split(",")
+    if mode not in NET_MODES:
+        raise KvmkitError(f"--net {text!r} names no backend; write user[,socket=PATH] or tap[,ifname=NAME], "
+                          "with ,mac=MAC if you like.")
+    socket: Path | None = None
+    ifname: str | None = None
+    mac: str | None = None
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not value:
+            raise KvmkitError(f"cannot read {word!r} in --net {text!r}; options are written KEY=VALUE.")
+        if key == "mac":
+            mac = parse_mac(value)
+        elif key == "socket" and mode == "user":
+            socket = Path(value)
+        elif key == "ifname" and mode == "tap":
+            if not valid_ifname(value):
+                raise KvmkitError(f"tap name {value!r} is not an interface name; use 1 to 15 letters, digits, "
+                                  "'-' or '_'.")
+            ifname = value
+        else:
+            allowed = "socket=, mac=" if mode == "user" else "ifname=, mac="
+            raise KvmkitError(f"--net {mode} has no option {key!r}; it takes {allowed}.")
+    return NetSpec(mode, socket, ifname, mac)
+
+
+def _checked_net(spec: NetSpec) -> NetSpec:
+    """A NetSpec built in code (the API, a snapshot) gets the checks ``parse_net`` makes."""
+    if spec.mode not in NET_MODES or (spec.mode == "tap" and spec.socket is not None) or (
+            spec.mode == "user" and spec.ifname is not None):
+        raise KvmkitError(f"network card {spec} is neither user[,socket=PATH] nor tap[,ifname=NAME].")
+    if spec.ifname is not None and not valid_ifname(spec.ifname):
+        raise KvmkitError(f"tap name {spec.ifname!r} is not an interface name; use 1 to 15 letters, digits, '-' or '_'.")
+    return spec if spec.mac is None else replace(spec, mac=parse_mac(spec.mac))
+
+
 @dataclass
 class VmConfig:
     """A machine as the user asked for it. Validated when built; plain values only.
@@ -187,11 +270,12 @@ class VmConfig:
     virtio_console: bool = False   # a virtio-console device (always with console="virtio")
     rng: bool = False              # virtio-rng, fed from getrandom()
     shares: list[ShareSpec] = field(default_factory=list)  # virtio-9p host directories (docs/virtio.md)
+    nets: list[NetSpec] = field(default_factory=list)      # virtio-net cards, after every other PCI device
 
     @property
     def has_pci(self) -> bool:
         """Whether the machine gets a PCI bus (it does as soon as it has a PCI device)."""
-        return bool(self.disks) or self.virtio_console or self.rng or bool(self.shares)
+        return bool(self.disks) or self.virtio_console or self.rng or bool(self.shares) or bool(self.nets)
 
     def __post_init__(self) -> None:
         if isinstance(self.mem_size, str):
@@ -225,6 +309,17 @@ class VmConfig:
         if len(set(tags)) != len(tags):
             raise KvmkitError(f"two --share directories have the same tag ({', '.join(tags)}); give each its own "
                               "with HOSTDIR:TAG.")
+        nets = [parse_net(x) if isinstance(x, str) else _checked_net(x) for x in self.nets]
+        if len(nets) > MAX_NETS:
+            raise KvmkitError(f"{len(nets)} network cards is more than kvmkit supports; give at most {MAX_NETS}.")
+        self.nets = [x if x.mac is not None else replace(x, mac=random_mac()) for x in nets]
+        macs = [x.mac for x in self.nets]
+        if len(set(macs)) != len(macs):
+            raise KvmkitError(f"two --net cards have the same MAC address ({', '.join(map(str, macs))}); give "
+                              "each its own.")
+        taps = [x.ifname for x in self.nets if x.mode == "tap" and x.ifname is not None]
+        if len(set(taps)) != len(taps):
+            raise KvmkitError("two --net tap cards name the same interface; a tap serves one card.")
         if self.console not in CONSOLES:
             raise KvmkitError(f"unknown console {self.console!r}; choose {' or '.join(CONSOLES)}.")
         if self.console == "virtio":
@@ -233,6 +328,6 @@ class VmConfig:
                 raise KvmkitError("--console virtio takes COM1's backend (and keeps COM1 for early boot messages); "
                                   "do not turn COM1 off.")
         if self.has_pci and not self.irqchip:
-            raise KvmkitError("PCI devices need the in-kernel irqchip; drop --disk/--share/--rng/--console virtio or enable it.")
+            raise KvmkitError("PCI devices need the in-kernel irqchip; drop --disk/--share/--net/--rng/--console virtio or enable it.")
         if self.script is not None and self.kernel is not None:
             raise KvmkitError("guest command words are for the bundled guest; with --kernel put them in --append.")

@@ -275,4 +275,9 @@ def format_stats(stats: dict[str, Any], top: int = 5) -> str:
     for name, c in stats.get("ports", {}).items():
         lines.append(f"{name}: {c.get('host_bytes_out', 0)} bytes out in {c.get('host_writes', 0)} host writes, "
                      f"{c.get('host_bytes_in', 0)} bytes in")
+    for name, c in stats.get("net", {}).items():
+        dev = c.get("device", {})
+        drops = sum(dev.get("drops", {}).values())
+        lines.append(f"{name} ({c.get('mac')}, {c.get('backend')}): tx {dev.get('tx_frames', 0)} frames, "
+                     f"rx {dev.get('rx_frames', 0)} frames, {drops} dropped" + (f"; down: {c['down']}" if c.get("down") else ""))
     return "\n".join(lines)

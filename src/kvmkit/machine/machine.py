@@ -24,12 +24,15 @@ from ..devices.misc import ExitPort, PortSink
 from ..errors import KvmkitError
 from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.net import MAX_FRAME
 from ..devices.virtio.p9 import VirtioP9
 from ..devices.virtio.rng import VirtioRng
 from ..host.backends import Backend, NullBackend, SharedOutputBackend, parse_backend
 from ..host.blockfile import RawImage
 from ..host.files import read_user_file
 from ..host.loop import EventLoop
+from ..host.netuser import open_user_net
+from ..host.tap import TapBackend
 from ..host.p9server import P9Server, share_fid_limit
 from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap
 from ..kvm.state import restore_vcpu, restore_vm, save_vcpu, save_vm
@@ -39,12 +42,13 @@ from ..profile.exits import VcpuExitStats, format_exit_table
 from ..profile.kvmstats import StatsReader
 from .bus import Bus, OffsetWindow
 from .cmdline import build_cmdline
-from .config import VmConfig
+from .config import NetSpec, VmConfig
 from .cpu import build_cpuid, set_long_mode
 from .hvc import VirtioConsoleEnd
 from .irq import GsiRoutes, IrqLine
 from .console_watch import ConsoleWatch
 from .status_line import StatusLine
+from .net import NetBackend, VirtioNetEnd
 from .lifecycle import (EXIT_PORT, HALT, PANIC, PANIC_STATUS, QUIT, RESET, TRIPLE_FAULT, Lifecycle, Outcome, PoweroffWatch,
                         require_kick_handler)
 from .pc import I8042_COMMAND, I8042_DATA, I8042_IRQ_AUX, I8042_IRQ_KBD, IDENTITY_MAP_ADDR, TSS_ADDR, PcMap
@@ -109,6 +113,7 @@ class Machine:
         self.disk_images: list[RawImage] = []
         self.share_servers: list[P9Server] = []
         self.hvc: VirtioConsoleEnd | None = None
+        self.net_ends: list[VirtioNetEnd] = []
         self.quirks: Quirks | None = None
         self.boot_info: BootInfo | None = None
         self._watch_poweroff = False
@@ -279,6 +284,20 @@ class Machine:
                 self.share_servers.append(server)
                 # A worker thread: file I/O can block, and a vCPU must not wait on it.
                 self._add_virtio(f"virtio-9p{i}", VirtioP9(server, share.tag), worker=True)
+        for i, net in enumerate(cfg.nets):
+            name = f"virtio-net{i}"
+            assert net.mac is not None  # the config picked one
+            end = VirtioNetEnd(name, self.loop, self._net_backend(net, name), bytes.fromhex(net.mac.replace(":", "")))
+            self.net_ends.append(end)  # kept before anything else can fail: close() stops its passt
+            # The host loop serves its kicks: frames move between the rings and the backend's
+            # non-blocking fd there, in a batch per kick, never on a vCPU.
+            self._add_virtio(name, end.device, worker=False)
+
+    @staticmethod
+    def _net_backend(net: NetSpec, name: str) -> NetBackend:
+        if net.mode == "tap":
+            return TapBackend(net.ifname, name=name, max_frame=MAX_FRAME)
+        return open_user_net(net.socket, name=name, max_frame=MAX_FRAME)
 
     def _add_virtio(self, name: str, device: VirtioDevice, worker: bool) -> None:
         assert self.mem is not None and self.vm is not None and self.pci is not None
@@ -545,6 +564,8 @@ class Machine:
             self.hvc.start()  # it opens the backend COM1 may share
         for port in self.serial_ports:
             port.start()
+        for end in self.net_ends:
+            end.start()
         self.loop.start()
         if self._watch_poweroff:
             watch = PoweroffWatch(self.lifecycle, [r.vcpu.id for r in self.runners])
@@ -605,6 +626,7 @@ class Machine:
             "vcpus": [st.as_dict() for st in self.exit_stats()],
             "kvm": {str(k): v for k, v in self.in_kernel_stats().items()},
             "ports": {p.name: p.counters.as_dict() for p in [*self.serial_ports, *([self.hvc] if self.hvc else [])]},
+            "net": {end.name: end.counters() for end in self.net_ends},
         }
 
     def stats_table(self) -> str:
@@ -615,6 +637,7 @@ class Machine:
         if self.pci is not None:
             lines.append(f"pci: {self.pci.config_accesses()} configuration space accesses")
             lines += [d.stats() for d in self.virtio]
+            lines += [end.summary() for end in self.net_ends]
         return "\n".join(lines)
 
     # --- teardown ----------------------------------------------------------------------
@@ -628,6 +651,12 @@ class Machine:
             except Exception:
                 log.exception("closing %s failed", dev.name)
         self.virtio = []
+        for end in self.net_ends:
+            try:
+                end.close()  # a passt kvmkit started is stopped here, on every way out
+            except Exception:
+                log.exception("closing %s failed", end.name)
+        self.net_ends = []
         for image in self.disk_images:
             image.close()
         self.disk_images = []

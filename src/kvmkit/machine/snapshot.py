@@ -47,7 +47,7 @@ from ..kvm import structs as ks
 from ..kvm.state import VcpuState, VmState
 from ..host.loop import EventLoop
 from ..memory import GuestMemory, MemoryRegion, ram_layout
-from .config import DiskSpec, ShareSpec, VmConfig
+from .config import DiskSpec, NetSpec, ShareSpec, VmConfig
 from .lifecycle import call_elsewhere
 
 FORMAT = "kvmkit-snapshot"
@@ -198,6 +198,8 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
         "disks": [{"path": str(d.path), "read_only": d.read_only, "serial": d.serial} for d in cfg.disks],
         "console": cfg.console, "virtio_console": cfg.virtio_console, "rng": cfg.rng,
         "shares": [{"path": str(x.path), "tag": x.tag, "read_only": x.read_only} for x in cfg.shares],
+        "nets": [{"mode": x.mode, "socket": str(x.socket) if x.socket is not None else None, "ifname": x.ifname,
+                  "mac": x.mac} for x in cfg.nets],
     }
 
 
@@ -208,6 +210,9 @@ def config_from_dict(d: Any, serial: list[str] | None) -> VmConfig:
                           None if x["serial"] is None else _typed(x["serial"], str)) for x in _typed(d["disks"], list)]
         shares = [ShareSpec(Path(_typed(x["path"], str)), _typed(x["tag"], str), bool(_typed(x["read_only"], bool)))
                   for x in _typed(d.get("shares", []), list)]
+        nets = [NetSpec(_typed(x["mode"], str), None if x["socket"] is None else Path(_typed(x["socket"], str)),
+                        _opt_str(x["ifname"]), _typed(x["mac"], str))
+                for x in _typed(d.get("nets", []), list)]   # snapshots from before --net have none
         clear = {(_typed(leaf, int), _typed(reg, str)): _typed(bits, int) for leaf, reg, bits in _typed(d["cpuid_clear"], list)}
         saved_serial = [_typed(x, str) for x in _typed(d["serial"], list)]
         if serial is not None:
@@ -221,7 +226,8 @@ def config_from_dict(d: Any, serial: list[str] | None) -> VmConfig:
             serial_fifo=_typed(d["serial_fifo"], bool), serial_pace=_typed(d["serial_pace"], bool),
             irqchip=_typed(d["irqchip"], bool), cpuid_clear=clear, quirks=_typed(d["quirks"], str),
             pv_clockevent=_typed(d["pv_clockevent"], bool), disks=disks, console=_typed(d["console"], str),
-            virtio_console=_typed(d["virtio_console"], bool), rng=_typed(d["rng"], bool), shares=shares)
+            virtio_console=_typed(d["virtio_console"], bool), rng=_typed(d["rng"], bool), shares=shares,
+            nets=nets)
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's machine configuration is damaged ({e}); take the snapshot again.") from None
 
