@@ -43,6 +43,9 @@ def test_frames_cross_a_real_tap_both_ways() -> None:
     packet = None
     try:
         assert tap.ifname == name and Path(f"/sys/class/net/{name}").exists()
+        down = frame(GUEST_MAC, b"\xff" * 6, b"while down")
+        assert tap.write_frames([[memoryview(down)]]) == 1               # taken, refused (EIO), counted
+        assert (tap.tx_frames, tap.tx_errors) == (0, 1) and "Input/output error" in (tap.last_error or "")
         subprocess.run(["ip", "link", "set", "dev", name, "up"], check=True)
         packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         packet.bind((name, 0))
