@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit import VirtualMachine
+from kvmkit.machine.control import format_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
@@ -46,6 +47,10 @@ def test_cards_enumerate_survive_a_snapshot_and_their_passts_go_with_the_vm(tmp_
         assert macs[1] == "02:00:00:00:00:42" and macs[0].startswith("02:")  # type: ignore[union-attr]
         assert re.search(r"^virtio-net0 \(02:[0-9a-f:]{14}, passt \(pid \d+, started by kvmkit\)\): tx 0 frames",
                          vm.machine.stats_table(), re.M)
+        stats = vm.machine.stats_dict()
+        assert stats["net"]["virtio-net1"]["mac"] == "02:00:00:00:00:42"  # type: ignore[index]
+        assert re.search(r"^virtio-net1 \(02:00:00:00:00:42, passt .*\): tx 0 frames, rx 0 frames, 0 dropped$",
+                         format_stats(stats), re.M)
         vm.snapshot(snap)
         vm.stop(0)
     finally:
