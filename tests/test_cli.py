@@ -168,12 +168,13 @@ def test_the_host_root_command_runs_chrooted_in_the_share_from_the_host_cwd(tmp_
     stage = hostroot_stage(argv, True, str(tmp_path))
     out = subprocess.run(["sh", "-c", stubs + stage + "echo status=$status"], capture_output=True, text=True)
     assert out.stdout.split("\n")[:3] == [str(tmp_path), "a b", "status=4"], out
-    assert f"mount -t 9p -o trans=virtio,version=9p2000.L,ro {HOSTROOT_TAG} /newroot" in out.stderr
+    assert f"mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose {HOSTROOT_TAG} /newroot" in out.stderr
     assert "mount --bind /proc /newroot/proc" in out.stderr
     failing = 'mount() { return 32; }\n'
     out = subprocess.run(["sh", "-c", failing + stage + "echo status=$status"], capture_output=True, text=True)
     assert "could not be mounted" in out.stdout and "status=125" in out.stdout
-    assert ",ro " not in hostroot_stage(argv, False, "/")
+    assert ",ro" not in hostroot_stage(argv, False, "/")
+    assert "for d in run var/tmp root;" in hostroot_stage(argv, True, "/tmp/work")   # /tmp stays the host's
 
 
 def test_the_host_root_command_needs_kvmkits_own_initramfs(tmp_path: Path):

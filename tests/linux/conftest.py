@@ -55,20 +55,50 @@ def pvce_ko(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def linux_snapshot(stock_bzimage: Path, busybox_initrd: Path,
+def timer_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/linux/timer_check.c built static: POSIX timers and nanosleep measured on the guest's clock."""
+    import shutil
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build tests/linux/timer_check.c")
+    out = tmp_path_factory.mktemp("timer_check") / "timer_check"
+    res = subprocess.run(["gcc", "-static", "-O2", "-Wall", str(Path(__file__).parent / "timer_check.c"), "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "cannot find -lc" in res.stderr:
+        pytest.skip("no static libc (libc6-dev) to link tests/linux/timer_check.c")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def snapshot_initrd(tmp_path_factory: pytest.TempPathFactory, pvce_ko: Path, timer_check: Path) -> Path:
+    """The busybox initramfs, with /pvce.ko and /timer_check for tests/linux/test_pvce_module.py."""
+    from kvmkit.boot.initramfs import file
+    try:
+        data = busybox_initramfs(extra=[file("pvce.ko", pvce_ko.read_bytes()),
+                                        file("timer_check", timer_check.read_bytes(), 0o755)])
+    except BootError as exc:
+        pytest.skip(f"no static busybox to build the initramfs: {exc}")
+    path = tmp_path_factory.mktemp("initrd-snapshot") / "initrd.img"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def linux_snapshot(stock_bzimage: Path, snapshot_initrd: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> LinuxSnapshot:
     """The stock kernel booted once per test session with `kvmkit run --name`, saved at its shell.
 
     Boot once (minutes on an emulating host) and give each test a restored
     copy (seconds): the pattern for tests that need a running Linux and not
     its boot. Before the snapshot the guest writes /tmp/snapfile and starts
-    a shell loop that counts into /tmp/count once a guest second.
+    a shell loop that counts into /tmp/count once a guest second (job %1 of
+    the shell). The initramfs also carries /pvce.ko and /timer_check.
     """
     work = tmp_path_factory.mktemp("linux")
     (work / "run").mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(work / "run"))
     snap = work / "at-shell"
-    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd, "--name", "snapfixture", env=env)
+    proc, master, ms = start_kvmkit(stock_bzimage, snapshot_initrd, "--name", "snapfixture", env=env)
     try:
         t_prompt = ms.wait("shell prompt", re.compile(rb"\n[^\n]*[#$] "), 300)
         ms.run("echo kept-in-ram > /tmp/snapfile", 60, "write a file")

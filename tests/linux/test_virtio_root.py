@@ -3,7 +3,8 @@
 One boot (minutes on a nested-PVM host), as a user would run it:
 
     kvmkit run -k vmlinuz -i virtio-initrd.img --disk root.ext4 --disk ro.ext4,ro --console virtio --rng
-               --share DIR:hostshare --share DIR2:roshare,ro -p "root=/dev/vda rw"
+               --share DIR:hostshare --share DIR2:roshare,ro --net user --net tap,ifname=kvmkitN
+               -p "root=/dev/vda rw"
 
 The initramfs (`kvmkit initramfs --modules VERSION`) loads the virtio and
 ext4 modules and switch_roots to /dev/vda. The early boot messages come
@@ -12,7 +13,10 @@ terminal. In the guest the test writes a file and syncs, checks that the
 second, read-only disk refuses every write (the device says so, the block
 layer and ext4 obey), reads the entropy source, mounts both 9P shares (writes
 a file into one, tries to leave it through symlinks and "..", and is refused
-every write to the read-only one), and powers off; on the host
+every write to the read-only one), gets an address from passt by DHCP and
+fetches a page from a web server on the host's loopback through the
+gateway, pings the host's end of a tap (when the machine allows taps: root
+and /dev/net/tun), and powers off; on the host
 it reads the file back from the image with debugfs and checks that the
 read-only image did not change by a byte. A separate boot with ``,ro`` would
 check the same enforcement at twice the cost; the second disk shares this one.
@@ -21,14 +25,18 @@ check the same enforcement at twice the cost; the second disk shares this one.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import re
+import shutil
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from _boot import finish_kvmkit, start_kvmkit
+from _boot import REPO, finish_kvmkit, start_kvmkit
 
 from kvmkit.boot.rootfs import ROOTFS_MARKER, find_tool, make_rootfs, read_image_file
 
@@ -36,7 +44,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.kvm,
               pytest.mark.skipif(find_tool("mke2fs") is None, reason="e2fsprogs is not installed (apt-get install e2fsprogs)")]
 
 
-def test_ext4_root_on_virtio_blk_with_virtio_console_rng_and_9p_shares(stock_bzimage: Path, virtio_initrd: Path, tmp_path: Path,
+TOKEN = "kvmkit-net-" + "ok"
+TAP_HOST, TAP_GUEST = "10.213.0.1", "10.213.0.2"
+
+
+def _tap_name() -> str | None:
+    """A tap name for this run when the machine allows taps (root, /dev/net/tun, iproute2), else None."""
+    if os.geteuid() != 0 or not Path("/dev/net/tun").exists() or shutil.which("ip") is None:
+        return None
+    return f"kvmkit{os.getpid() % 100000}"
+
+
+def _token_server() -> tuple[http.server.ThreadingHTTPServer, int]:
+    """A web server on the host's loopback that answers /token: what the guest reaches through passt."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = TOKEN.encode() if self.path == "/token" else b"?"
+            self.send_response(200 if self.path == "/token" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def test_ext4_root_on_virtio_blk_with_virtio_console_rng_9p_shares_and_net(stock_bzimage: Path, virtio_initrd: Path, tmp_path: Path,
                                                              record_property: Callable[[str, object], None]) -> None:
     root = make_rootfs(tmp_path / "root.ext4", "64M")
     (tmp_path / "ro" / "etc").mkdir(parents=True)
@@ -51,10 +88,18 @@ def test_ext4_root_on_virtio_blk_with_virtio_console_rng_and_9p_shares(stock_bzi
     (share / "up").symlink_to("../outside")
     (share / "abs").symlink_to(tmp_path / "outside")
     (ro_share / "keep").write_text("kept\n")
+    # The guest's udhcpc script, the one docs/virtio.md gives, handed over through the share.
+    script = re.search(r"```sh\n(#!/bin/sh\n# udhcpc's script.*?)```", (REPO / "docs" / "virtio.md").read_text(), re.S)
+    assert script, "the udhcpc script is missing from docs/virtio.md"
+    (share / "udhcpc.script").write_text(script.group(1))
+    (share / "udhcpc.script").chmod(0o755)
+    server, port = _token_server()
+    tap = _tap_name()
+    tap_args = ["--net", f"tap,ifname={tap}"] if tap else []
     proc, master, ms = start_kvmkit(stock_bzimage, virtio_initrd, "--disk", f"{root},serial=kvmkit-root",
                                     "--disk", f"{ro},ro,serial=kvmkit-ro", "--console", "virtio", "--rng",
                                     "--share", f"{share}:hostshare", "--share", f"{ro_share}:roshare,ro",
-                                    append="root=/dev/vda rw")
+                                    "--net", "user", *tap_args, append="root=/dev/vda rw")
     try:
         ms.wait("banner", "Linux version 6.1", 120)
         ms.wait("virtio-blk vda", "virtio_blk virtio0: [vda]", 900)
@@ -74,11 +119,22 @@ def test_ext4_root_on_virtio_blk_with_virtio_console_rng_and_9p_shares(stock_bzi
                         "cat /mnt/s/from-host && echo guest-$((6 * 7)) > /mnt/s/from-guest && sync && ls /mnt/s", 120,
                         "9p share")
         escapes = ms.run("cat /mnt/s/up /mnt/s/abs /mnt/s/../outside; ls /mnt/s/..; readlink /mnt/s/up", 60, "escapes")
+        # The network: a lease from passt by DHCP, then the host's 127.0.0.1 through the gateway.
+        net = ms.run("busybox udhcpc -i eth0 -s /mnt/s/udhcpc.script -q -f -n -t 10 2>&1 | tail -3; "
+                     "gw=$(ip route | sed -n 's/^default via \\([^ ]*\\).*/\\1/p'); echo gateway=$gw; "
+                     f"busybox wget -q -O - http://$gw:{port}/token", 180, "dhcp and tcp")
+        pinged = ""
+        if tap:   # kvmkit made the tap; the host end gets an address, the guest's eth1 the other
+            subprocess.run(["ip", "addr", "add", f"{TAP_HOST}/24", "dev", tap], check=True)
+            subprocess.run(["ip", "link", "set", "dev", tap, "up"], check=True)
+            pinged = ms.run(f"ip addr add {TAP_GUEST}/24 dev eth1 && ip link set dev eth1 up && "
+                            f"busybox ping -c 3 -W 10 {TAP_HOST}", 120, "tap ping")
         ro_share_out = ms.run("cat /mnt/r/keep; touch /mnt/r/x; mkdir /mnt/r/d; rm /mnt/r/keep; "
                               "umount /mnt/s /mnt/r && echo unmounted", 60, "ro share")
         os.write(master, b"poweroff -f\r")
         status = proc.wait(180)
     finally:
+        server.shutdown()
         stderr = finish_kvmkit(proc, master, ms, record_property)
         print(stderr, file=sys.stderr)
 
@@ -104,5 +160,13 @@ def test_ext4_root_on_virtio_blk_with_virtio_console_rng_and_9p_shares(stock_bzi
     assert "kept" in ro_share_out and ro_share_out.count("Read-only file system") == 3, ro_share_out
     assert "unmounted" in ro_share_out, ro_share_out
     assert sorted(p.name for p in ro_share.iterdir()) == ["keep"]
+    assert re.search(r"gateway=\d+\.\d+\.\d+\.\d+", net) and TOKEN in net, net
+    if tap:
+        assert re.search(r"3 packets transmitted, 3 (packets )?received", pinged), pinged
+        assert not Path(f"/sys/class/net/{tap}").exists(), "kvmkit left its tap behind"
+    else:
+        print("tap: not tried (needs root and /dev/net/tun)", file=sys.stderr)
+    frames = re.search(r"^\S+ \([0-9a-f:]{17}, passt.*\): tx (\d+) frames \d+ bytes, rx (\d+) frames", stderr, re.M)
+    assert frames and int(frames[1]) > 0 and int(frames[2]) > 0, stderr     # kvmkit --stats: the card's traffic
     assert re.search(r"^pci: [1-9]\d* configuration space accesses$", stderr, re.M), stderr
     assert re.search(r"^hvc0: \d+ bytes out in \d+ host writes", stderr, re.M), stderr

@@ -38,7 +38,7 @@ BUSYBOX_APPLETS = (
     "dmesg", "mkdir", "rm", "cp", "mv", "ln", "ps", "kill", "sleep", "grep", "sed", "head",
     "tail", "wc", "stty", "setsid", "cttyhack", "sync", "true", "false", "test", "[", "env",
     "printf", "date", "free", "uptime", "hexdump", "dd", "mknod", "chmod", "top", "vi", "clear",
-    "insmod", "lsmod", "rmmod", "switch_root", "findfs", "usleep", "cut", "tr",
+    "insmod", "lsmod", "rmmod", "switch_root", "findfs", "usleep", "cut", "tr", "chroot",
 )
 
 
@@ -439,12 +439,15 @@ def hostroot_stage(argv: Sequence[str], read_only: bool, cwd: str = "/") -> str:
     The kernel developer's loop (lkvm sandbox, virtme-ng): the command runs
     with the host's own programs and libraries, read over 9P, while the
     guest's writes to /tmp, /run, /var/tmp and /root go to tmpfs and vanish
-    with the VM. The pseudo filesystems are bind-mounted in; the command
-    starts in ``cwd`` (the host's working directory) when the guest sees it.
+    with the VM (except the one holding ``cwd``, which stays the host's).
+    The pseudo filesystems are bind-mounted in; the command starts in
+    ``cwd`` (the host's working directory) when the guest sees it.
     """
     import shlex
-    opts = "trans=virtio,version=9p2000.L" + (",ro" if read_only else "")
-    tmpfs = " ".join(HOSTROOT_TMPFS)
+    # Read-only, the guest may cache what it reads (the host's files do not change under a test run).
+    opts = "trans=virtio,version=9p2000.L" + (",ro,cache=loose" if read_only else "")
+    # tmpfs hides what is below it: never over the directory the command starts in.
+    tmpfs = " ".join(d for d in HOSTROOT_TMPFS if not (cwd == f"/{d}" or cwd.startswith(f"/{d}/")))
     return (
         f"if mount -t 9p -o {opts} {HOSTROOT_TAG} /newroot; then\n"
         f"    for d in {tmpfs}; do [ -d /newroot/$d ] && mount -t tmpfs -o mode=1777 tmpfs /newroot/$d; done\n"

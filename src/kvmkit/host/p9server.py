@@ -126,7 +126,9 @@ def _check_name(name: str) -> None:
 
 # Kernel pseudo filesystems a share never enters (statfs f_type): a share of / would otherwise hand the
 # guest the host's /proc (every process's memory and environment to the user kvmkit runs as), /sys and
-# their kin. Device nodes need no entry here: only regular files and directories are ever opened.
+# their kin. Their mount points stay visible (a guest mounts its own /proc over them), but nothing is
+# walked to below one and it cannot be opened. Device nodes need no entry here: only regular files and
+# directories are ever opened.
 PSEUDO_FS = {
     0x9FA0: "proc", 0x62656572: "sysfs", 0x1CD1: "devpts", 0x64626720: "debugfs", 0x74726163: "tracefs",
     0x73636673: "securityfs", 0x63677270: "cgroup2", 0x27E0EB: "cgroup", 0xCAFE4A11: "bpf",
@@ -148,18 +150,6 @@ def fs_type(fd: int) -> int:
     return int.from_bytes(buf.raw[:8], "little", signed=True) & 0xFFFFFFFF
 
 
-def _refuse_pseudo(parent: int, fd: int, name: str) -> None:
-    """A mount point into a pseudo filesystem is a wall: EACCES, as if the guest may not look."""
-    try:
-        kind = PSEUDO_FS.get(fs_type(fd)) if os.fstat(fd).st_dev != os.fstat(parent).st_dev else None
-    except OSError:
-        os.close(fd)
-        raise
-    if kind is not None:
-        os.close(fd)
-        raise OSError(errno.EACCES, f"{kind} is a kernel pseudo filesystem, not shared", name)
-
-
 def open_beneath(dirfd: int, name: str) -> int:
     """An O_PATH fd for entry ``name`` of the directory ``dirfd``, the entry itself even if it is a symlink.
 
@@ -176,14 +166,11 @@ def open_beneath(dirfd: int, name: str) -> int:
         fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(name)),
                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
         if fd >= 0:
-            _refuse_pseudo(dirfd, fd, name)
             return fd
         if ctypes.get_errno() != errno.ENOSYS:
             raise _oserror(name)
         openat2_available = False
-    fd = os.open(name, _O_LOOKUP, dir_fd=dirfd)
-    _refuse_pseudo(dirfd, fd, name)
-    return fd
+    return os.open(name, _O_LOOKUP, dir_fd=dirfd)
 
 
 def _proc(fd: int) -> str:
@@ -262,6 +249,8 @@ class P9Server:
                                  f"({os.path.realpath(self.root)}) if you mean to share it") from None
             raise ShareError(f"cannot share {self.root}: {e.strerror}; give an existing directory") from None
         self._devs = {os.fstat(self._root_fd).st_dev: 0}
+        self._root_dev = os.fstat(self._root_fd).st_dev
+        self._walls: dict[int, str | None] = {}   # st_dev -> the pseudo filesystem it is, or None
         self._fids: dict[int, _Fid] = {}
         self.msize = max_msize
         self._negotiated = False
@@ -368,12 +357,28 @@ class P9Server:
             fid.close()
         self._fids.clear()
 
+    def _wall(self, fd: int) -> str | None:
+        """The kernel pseudo filesystem ``fd`` is on (other than the share's own), which the share does not enter."""
+        dev = os.fstat(fd).st_dev
+        if dev == self._root_dev:
+            return None
+        if dev not in self._walls:
+            self._walls[dev] = PSEUDO_FS.get(fs_type(fd))
+        return self._walls[dev]
+
+    def _enter(self, fd: int, name: str) -> int:
+        """``open_beneath(fd, name)``, refused (EACCES) below a pseudo filesystem's mount point."""
+        kind = self._wall(fd)
+        if kind is not None:
+            raise OSError(errno.EACCES, f"the host's {kind} is not shared", name)
+        return open_beneath(fd, name)
+
     def _open_parts(self, parts: tuple[str, ...]) -> int:
         """The O_PATH fd of ``parts`` walked afresh from the root, one name and no symlink at a time."""
         fd = os.dup(self._root_fd)
         try:
             for name in parts:
-                next_fd = open_beneath(fd, name)
+                next_fd = self._enter(fd, name)
                 os.close(fd)
                 fd = next_fd
         except BaseException:
@@ -392,7 +397,7 @@ class P9Server:
                 os.close(parent)
                 raise OSError(errno.ENOTDIR, "the parent is no longer a directory", name)
             return parent, parts[:-1]
-        return open_beneath(fd, name), parts + (name,)
+        return self._enter(fd, name), parts + (name,)
 
     def _parent_of(self, fid: _Fid) -> tuple[int, str]:
         """The fid's directory (fd) and its name there, checked to still be the fid's inode."""
@@ -518,6 +523,9 @@ class P9Server:
         fid = self._fid(msg["fid"])
         if fid.file is not None:
             raise OSError(errno.EINVAL, "fid is already open")
+        kind = self._wall(fid.fd)
+        if kind is not None:
+            raise OSError(errno.EACCES, f"the host's {kind} is not shared")
         flags = msg["flags"]
         access = flags & w.DOTL_ACCMODE
         if access == w.DOTL_NOACCESS:
