@@ -63,6 +63,7 @@ class Guest:
     def __init__(self, vm: VirtualMachine) -> None:
         self.vm = vm
         self.n = 0
+        self.last_output = ""   # the end of what a command timed with ``done`` printed
 
     def run(self, command: str, timeout: float = 600) -> str:
         self.n += 1
@@ -85,7 +86,8 @@ class Guest:
         time.sleep(0.05)
         b = (time.perf_counter(), time.process_time(), thread_cpu_ns(serving), sum(s.handler_ns for s in machine.exit_stats()))
         if done is not None:
-            self.vm.console.wait_for(re.compile(rf"@@end-{self.n}@@\r?\n".encode()), timeout)
+            text = self.vm.console.wait_for(re.compile(rf"@@end-{self.n}@@\r?\n".encode()), timeout)
+            self.last_output = text[-400:]
         wall, proc = b[0] - a[0], b[1] - a[1]
         ours = (b[2] - a[2] + b[3] - a[3]) / 1e9
         return {"wall_s": wall, "process_cpu_s": proc, "kvmkit_cpu_s": ours,
@@ -139,10 +141,11 @@ def prepare_share(root: Path, big_mib: int, files: int) -> None:
 
 def net_case(guest: Guest, host: str, target: str, mib: int, serving: threading.Thread | None) -> dict[str, Any]:
     rx = Receiver(host, mib << 20)
-    t = guest.timed(f"dd if=/dev/zero bs=64k count={mib * 16} 2>/dev/null | busybox nc {target} {rx.port}",
-                    serving, done=rx.wait)
+    t = guest.timed(f"dd if=/dev/zero bs=64k count={mib * 16} 2>/dev/null | busybox nc {target} {rx.port}; "
+                    "echo nc=$?", serving, done=rx.wait)
     span = (rx.last or 0) - (rx.first or 0)
-    return {**t, "bytes": rx.got, "mib_per_s": round(rx.got / (1 << 20) / span, 2) if span > 0 else None}
+    return {**t, "bytes": rx.got, "complete": rx.got == mib << 20, "guest_said": guest.last_output,
+            "mib_per_s": round(rx.got / (1 << 20) / span, 2) if span > 0 else None}
 
 
 def tap_allowed() -> bool:
@@ -197,6 +200,7 @@ def main() -> int:
                 subprocess.run(["ip", "link", "set", "dev", tap, "up"], check=True)
                 g.run(f"ip addr add {TAP_GUEST}/24 dev eth1 && ip link set dev eth1 up")
                 result["net_tap"] = net_case(g, TAP_HOST, TAP_HOST, args.net_mib, vm.machine.loop.thread)
+            result["cards"] = {end.name: end.counters() for end in vm.machine.net_ends}   # drops, link state
             vm.stop()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
