@@ -43,18 +43,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from kvmkit import VirtualMachine  # noqa: E402
+from virtio import thread_cpu_ns  # noqa: E402  (benchmarks/virtio.py: a thread's on-CPU time)
 
 DOC = HERE.parent / "docs" / "virtio.md"
 TAP_HOST, TAP_GUEST = "10.213.1.1", "10.213.1.2"
-
-
-def thread_cpu_ns(thread: threading.Thread | None) -> int:
-    """On-CPU time of one thread (schedstat), 0 if unknown."""
-    try:
-        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:  # type: ignore[union-attr]
-            return int(f.read().split()[0])
-    except (OSError, AttributeError, ValueError, IndexError):
-        return 0
 
 
 class Guest:

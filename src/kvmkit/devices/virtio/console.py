@@ -37,7 +37,7 @@ from typing import Callable, Protocol, Sequence
 
 from ..state import StateError, StateReader
 from . import VIRTIO_ID_CONSOLE
-from .device import VirtioDeviceBase
+from .device import HostEndedDevice
 from .queue import Chain, scatter
 
 VIRTIO_CONSOLE_F_SIZE = 0
@@ -67,7 +67,7 @@ class ConsoleHost(Protocol):
         ...
 
 
-class VirtioConsole(VirtioDeviceBase):
+class VirtioConsole(HostEndedDevice):
     device_type = VIRTIO_ID_CONSOLE
     num_queues = 2
     queue_max_size = QUEUE_SIZE
@@ -127,36 +127,7 @@ class VirtioConsole(VirtioDeviceBase):
             self._tx_blocked = False
         return load
 
-    # --- kicks ---------------------------------------------------------------------------
-    def queue_notify(self, index: int) -> None:
-        wake = False
-        with self.lock:
-            if not self.active or not 0 <= index < len(self.queues):
-                return
-            if index == TRANSMITQ:
-                self._transmit()
-            elif index == RECEIVEQ and self._rx_waiting:
-                self._rx_waiting = False
-                wake = True
-        if wake:
-            self.host.rx_ready()
-
-    def _activated(self) -> None:
-        self._rx_waiting = True
-
-    def _reset(self) -> None:
-        self._tx_pending.clear()
-        self._tx_blocked = False
-        self._rx_waiting = True
-
     # --- guest -> host ---------------------------------------------------------------------
-    def tx_resume(self) -> None:
-        """The host end can take output again."""
-        with self.lock:
-            if self.active and len(self.queues) > TRANSMITQ:
-                self._tx_blocked = False
-                self._transmit()
-
     def _transmit(self) -> None:
         if self._tx_blocked:
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from ..state import StateReader
 from .queue import Chain, Virtqueue
@@ -203,3 +203,53 @@ class VirtioDeviceBase:
         """One used-buffer notification for a batch, if the driver wants it."""
         if self.queues[index].should_notify() and self.events is not None:
             self.events.used(index)
+
+
+class HostEndedDevice(VirtioDeviceBase):
+    """A device whose receive queue 0 and transmit queue 1 meet a host end with back pressure both ways
+    (virtio-console, virtio-net): the kick logic they share.
+
+    TX: the subclass's ``_transmit`` offers frames or bytes to the host end and
+    sets ``_tx_blocked`` (keeping the rest in ``_tx_pending``) when it is full;
+    :meth:`tx_resume` goes on once it has room. RX: a kick of the receive
+    queue while the host end waits for buffers (``_rx_waiting``) wakes it
+    through ``host.rx_ready()``, outside the device lock, since the host end
+    then calls back into the device to fill them.
+    """
+
+    RECEIVEQ = 0
+    TRANSMITQ = 1
+    host: Any
+    _tx_pending: Any
+
+    def queue_notify(self, index: int) -> None:
+        wake = False
+        with self.lock:
+            if not self.active or not 0 <= index < len(self.queues):
+                return
+            if index == self.TRANSMITQ:
+                self._transmit()
+            elif index == self.RECEIVEQ and self._rx_waiting:
+                self._rx_waiting = False
+                wake = True
+        if wake:
+            self.host.rx_ready()
+
+    def _activated(self) -> None:
+        self._rx_waiting = True
+
+    def _reset(self) -> None:
+        self._tx_pending.clear()
+        self._tx_blocked = False
+        self._rx_waiting = True
+
+    def tx_resume(self) -> None:
+        """The host end can take output again: offer what waits, then whatever the guest queued since."""
+        with self.lock:
+            if self.active and len(self.queues) > self.TRANSMITQ:
+                self._tx_blocked = False
+                self._transmit()
+
+    def _transmit(self) -> None:
+        """Hook: offer the transmit queue's output to the host end (lock held, device active)."""
+        raise NotImplementedError

@@ -59,7 +59,7 @@ from typing import Callable, Protocol, Sequence
 
 from ..state import StateError, StateReader
 from . import VIRTIO_ID_NET
-from .device import VirtioDeviceBase
+from .device import HostEndedDevice
 from .queue import Chain, Virtqueue, gather, scatter, slice_bufs
 
 # --- feature bits (§5.1.3) -------------------------------------------------------------
@@ -134,7 +134,7 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-class VirtioNet(VirtioDeviceBase):
+class VirtioNet(HostEndedDevice):
     device_type = VIRTIO_ID_NET
     num_queues = 2
     queue_max_size = QUEUE_SIZE
@@ -206,36 +206,7 @@ class VirtioNet(VirtioDeviceBase):
             self._rx_waiting = True  # the first RX kick after the restore wakes the host end
         return load
 
-    # --- lifecycle and kicks ---------------------------------------------------------------
-    def queue_notify(self, index: int) -> None:
-        wake = False
-        with self.lock:
-            if not self.active or not 0 <= index < len(self.queues):
-                return
-            if index == TRANSMITQ:
-                self._transmit()
-            elif index == RECEIVEQ and self._rx_waiting:
-                self._rx_waiting = False
-                wake = True
-        if wake:
-            self.host.rx_ready()
-
-    def _activated(self) -> None:
-        self._rx_waiting = True
-
-    def _reset(self) -> None:
-        self._tx_pending.clear()
-        self._tx_blocked = False
-        self._rx_waiting = True
-
     # --- guest -> host -------------------------------------------------------------------------
-    def tx_resume(self) -> None:
-        """The host can take frames again: offer the waiting ones, then whatever the guest queued since."""
-        with self.lock:
-            self._tx_blocked = False
-            if self.active and len(self.queues) > TRANSMITQ:
-                self._transmit()
-
     def _transmit(self) -> None:
         if self._tx_blocked:
             return
