@@ -17,7 +17,11 @@ maps the memory files; it does not read them).
 after its first download; several minutes): one cold boot to its shell
 prompt, snapshotted there, against ``rounds`` restores to an answered
 ``uname -r``, each both through ``kvmkit run --restore`` on a pty (Python's
-start-up included: what a user waits for) and through the API in-process.
+start-up included: what a user waits for) and through the API in-process;
+then, after one more API restore, ``uname -r`` twice: the seconds to the first
+echoed character and to the answer of each, and (as root, with tracefs) the
+guest instructions KVM emulated up to that echo, to show the restored
+guest's first steps against its later ones.
 
     python3 benchmarks/snapshot.py [--mem 256M,1G] [--rounds R] [--linux] [--json FILE]
 """
@@ -114,6 +118,93 @@ def cli_restore_to_uname(snap: Path, timeout: float = 120.0) -> float:
         os.close(master)
 
 
+class EmulatedCount:
+    """Guest instructions KVM emulated for this process's vCPU threads (the nested-PVM host emulates
+    every guest kernel instruction): kvm:kvm_emulate_insn events in a private tracefs instance, counted
+    per thread. Every method is a no-op (``count`` gives None) without tracefs, the event or root."""
+
+    def __init__(self) -> None:
+        from kvmkit.profile.tracefs import find_tracefs, own_instance_name
+        root = find_tracefs()
+        self.dir: Path | None = None
+        if root is None or not (root / "events/kvm/kvm_emulate_insn").is_dir():
+            return
+        d = root / "instances" / (own_instance_name() + "-insn")
+        try:
+            d.mkdir(exist_ok=True)
+            self.dir = d
+            (d / "buffer_size_kb").write_text("32768\n")   # per CPU: room for a million events
+            (d / "events/kvm/kvm_emulate_insn/enable").write_text("1\n")
+        except OSError:
+            self.close()
+
+    def reset(self) -> None:
+        """Empty the buffer and record from now on."""
+        if self.dir is not None:
+            (self.dir / "trace").write_text("")
+            (self.dir / "tracing_on").write_text("1\n")
+
+    def pause(self) -> None:
+        """Stop recording (cheap; counting the buffer is not, so it waits for :meth:`count`)."""
+        if self.dir is not None:
+            (self.dir / "tracing_on").write_text("0\n")
+
+    def count(self) -> int | None:
+        """Events of this process's threads since :meth:`reset`."""
+        if self.dir is None:
+            return None
+        ours = {f"-{t} " for t in os.listdir(f"/proc/{os.getpid()}/task")}
+        n = 0
+        with open(self.dir / "trace") as f:
+            for line in f:
+                if line.startswith("#"):
+                    continue
+                m = re.match(r"\s*\S*?(-\d+ )", line)
+                n += bool(m and m.group(1) in ours)
+        return n
+
+    def close(self) -> None:
+        d, self.dir = self.dir, None
+        if d is None:
+            return
+        try:
+            (d / "events/kvm/kvm_emulate_insn/enable").write_text("0\n")
+        except OSError:
+            pass
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def first_steps(snap: Path, commands: int = 2) -> list[dict[str, Any]]:
+    """A restored guest's first command against its next ones: for each ``uname -r`` typed after an API
+    restore, seconds to the first character's echo and to the answer, and (where the host traces it)
+    the guest instructions emulated up to that echo."""
+    count = EmulatedCount()
+    vm = VirtualMachine.restore(snap)
+    steps = []
+    try:
+        vm.start()
+        for _ in range(commands):
+            count.reset()
+            t0 = time.monotonic()
+            vm.console.send("u")
+            vm.console.wait_for("u", 60)
+            echo = time.monotonic() - t0
+            count.pause()
+            vm.console.send("name -r\r")
+            vm.console.wait_for(RELEASE, 120)
+            steps.append({"first_echo_s": echo, "answer_s": time.monotonic() - t0,
+                          "emulated_to_echo": count.count()})
+            _answer_cursor_query(vm, 60)
+            time.sleep(0.3)  # idle at the prompt again
+    finally:
+        vm.close()
+        count.close()
+    return steps
+
+
 def bundled_round(mem: str, work: Path) -> dict[str, Any]:
     snap = work / f"snap-{mem}"
     shutil.rmtree(snap, ignore_errors=True)
@@ -166,7 +257,8 @@ def linux_round(work: Path, rounds: int) -> dict[str, Any]:
         built.append(t_built)
         cli.append(cli_restore_to_uname(snap))
     restore = statistics.median(cli)
-    return {"release": release, "cold_to_prompt_s": cold, "snapshot_s": taken["total_s"],
+    steps = first_steps(snap)
+    return {"first_steps": steps, "release": release, "cold_to_prompt_s": cold, "snapshot_s": taken["total_s"],
             "restore_to_uname_s": restore, "restore_to_uname_cli_s": cli,
             "restore_to_uname_api_s": api, "restore_build_s": built,
             "cold_over_restore": cold / restore,
@@ -214,6 +306,10 @@ def main() -> int:
               f"{lx['restore_to_uname_s']:.2f} s ({lx['cold_over_restore']:.0f}x faster than the boot), "
               f"of which Machine.restore {statistics.median(lx['restore_build_s']) * 1000:.0f} ms; "
               f"in-process API {statistics.median(lx['restore_to_uname_api_s']):.2f} s")
+        for i, st in enumerate(lx["first_steps"]):
+            insns = f", {st['emulated_to_echo']} guest instructions emulated to it" if st["emulated_to_echo"] is not None else ""
+            print(f"  command {i + 1} after the restore: first echo {st['first_echo_s']:.3f} s{insns}; "
+                  f"answered at {st['answer_s']:.3f} s")
     return 0
 
 
