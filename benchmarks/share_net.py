@@ -125,7 +125,15 @@ class Receiver:
                 self.first = self.first or now
                 self.last = now
                 self.got += len(data)
-        self.finished.set()
+            self.finished.set()
+            # Close only after the sender's end of stream: closing while its FIN is on the way races
+            # with it, and Debian 12's passt can then leave the guest's nc waiting for a close forever.
+            conn.settimeout(60)
+            try:
+                while conn.recv(1 << 16):
+                    pass
+            except OSError:
+                pass
 
     def _trickle(self, conn: socket.socket) -> None:
         while not self.finished.wait(self.TRICKLE_S):

@@ -117,7 +117,9 @@ def paced_relay(a, b, stop: threading.Event, pace: float) -> None:
             if src.fileno() in ready:
                 while (frame := src.read_frame()) is not None:
                     stop.wait(pace)
-                    assert dst.write_frames([[frame]]) == 1
+                    while dst.write_frames([[frame]]) != 1 and not stop.is_set():
+                        dst.flush()       # the other side is full (the tap's queue, passt's socket):
+                        stop.wait(0.001)  # hold the frame, as the card holds a transmit chain
                     dst.flush()
 
 
@@ -172,11 +174,17 @@ def test_an_upload_at_the_guests_pace_outlasts_passts_reset_when_the_host_side_t
                                                                   text=True).stdout)
         assert gateway
         started = time.monotonic()
-        sent = subprocess.run([*run, "sh", "-c", f"dd if=/dev/urandom bs=64k count={size >> 16} 2>/dev/null | tee "
-                               f"{tmp_path}/sent | nc {gateway.group(1)} {server.getsockname()[1]} >/dev/null"],
-                              env=env, capture_output=True, text=True, timeout=300)
-        took = time.monotonic() - started
-        assert done.wait(30)
+        # Not waiting for nc to exit: that needs passt to pass the host's close on, which Debian 12's
+        # passt does not always do when both sides close at once; the bytes are what is checked.
+        sender = subprocess.Popen([*run, "sh", "-c", f"dd if=/dev/urandom bs=64k count={size >> 16} 2>/dev/null | "
+                                   f"tee {tmp_path}/sent | nc {gateway.group(1)} {server.getsockname()[1]} >/dev/null"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert done.wait(300), f"{len(received)} of {size} bytes arrived in 300 s"
+            took = time.monotonic() - started
+        finally:
+            sender.kill()
+            errors = sender.communicate()[1].decode(errors="replace")
     finally:
         done.set()
         stop.set()
@@ -186,6 +194,5 @@ def test_an_upload_at_the_guests_pace_outlasts_passts_reset_when_the_host_side_t
         user.close()
         server.close()
     assert took > 30, f"the transfer took {took:.1f} s: too fast to test anything past passt's 24 s"
-    assert sent.returncode == 0, sent.stderr
-    assert bytes(received) == (tmp_path / "sent").read_bytes()
+    assert bytes(received) == (tmp_path / "sent").read_bytes(), errors
     assert user.counters()["tx_dropped"] == 0
