@@ -8,7 +8,10 @@ and a silent skip would hide a broken VMM.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import sys
 
 import pytest
 
@@ -34,6 +37,53 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = kvm_unavailable_reason()
         if reason:
             pytest.skip(f"KVM is not usable here: {reason}")
+
+
+# A hung test must fail with its stacks, not eat CI's whole budget: a slow test (a full Linux boot)
+# gets this many seconds per phase, any other test a few minutes.
+SLOW_TEST_LIMIT_S = 1200.0
+TEST_LIMIT_S = 300.0
+
+
+class TestRanTooLong(Exception):
+    pass
+
+
+def _watchdog(item: pytest.Item):  # type: ignore[no-untyped-def]
+    limit = SLOW_TEST_LIMIT_S if item.get_closest_marker("slow") is not None else TEST_LIMIT_S
+
+    def expired(signum: int, frame: object) -> None:
+        sys.stderr.write(f"\n{item.nodeid} ran past {limit:.0f} s; every thread's stack:\n")
+        faulthandler.dump_traceback(all_threads=True)
+        raise TestRanTooLong(f"{item.nodeid} ran past {limit:.0f} s (tests/conftest.py's watchdog)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Watchdog:
+    """The per-phase hooks, as a plugin object: conftest's own pytest_runtest_setup does the KVM gate."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item):  # type: ignore[no-untyped-def]
+        yield from _watchdog(item)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):  # type: ignore[no-untyped-def]
+        yield from _watchdog(item)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item):  # type: ignore[no-untyped-def]
+        yield from _watchdog(item)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_Watchdog(), "kvmkit-test-watchdog")
 
 
 @pytest.fixture

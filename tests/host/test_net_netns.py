@@ -10,11 +10,13 @@ gateway address: the guest commands the documentation gives, checked.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -178,13 +180,16 @@ def test_an_upload_at_the_guests_pace_outlasts_passts_reset_when_the_host_side_t
         # passt does not always do when both sides close at once; the bytes are what is checked.
         sender = subprocess.Popen([*run, "sh", "-c", f"dd if=/dev/urandom bs=64k count={size >> 16} 2>/dev/null | "
                                    f"tee {tmp_path}/sent | nc {gateway.group(1)} {server.getsockname()[1]} >/dev/null"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             assert done.wait(300), f"{len(received)} of {size} bytes arrived in 300 s"
             took = time.monotonic() - started
         finally:
-            sender.kill()
-            errors = sender.communicate()[1].decode(errors="replace")
+            # The whole group: killing only the shell leaves nc holding the stderr pipe open, and a
+            # communicate() then waits as long as nc waits for passt's close (a CI run hung there).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sender.pid, signal.SIGKILL)
+            errors = sender.communicate(timeout=30)[1].decode(errors="replace")
     finally:
         done.set()
         stop.set()
