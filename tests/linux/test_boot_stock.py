@@ -1,8 +1,8 @@
 """Debian's stock 6.1 kernel on kvmkit, end to end, in one boot (minutes on a nested-PVM host).
 
-`kvmkit run --kernel <stock bzImage> --initrd <busybox initramfs>` runs on a
-pseudo terminal, as a user would run it. The test types into the busybox
-shell and checks, in order:
+`kvmkit run --kernel <stock bzImage> --initrd <busybox initramfs> --cpus 4`
+runs on a pseudo terminal, as a user would run it. The test types into the
+busybox shell and checks, in order:
 
 1. the banner "Linux version 6.1" on COM1 (earlyprintk);
 2. the kernel's own 8250 driver finding kvmkit's UART as a 16550A on
@@ -16,7 +16,12 @@ shell and checks, in order:
    character at a time;
 5. Linux's own view of IRQ 4 (/proc/irq/4/spurious) after the boot and
    after 1 MiB written through the tty (the 8250 driver's interrupt-driven
-   path): under 1 % of the interrupts unhandled.
+   path): under 1 % of the interrupts unhandled;
+6. all four CPUs online (`nproc`, /proc/cpuinfo), each taking its own local
+   timer interrupts, and a workload pinned to each CPU with taskset running
+   on all four at once, the CPUs signalling each other (rescheduling and
+   function-call IPIs) on the way. (tests/linux/test_run_command.py boots
+   two vCPUs.)
 
 Each milestone's host time is printed (seconds since kvmkit was started,
 so kvmkit's own start-up and the kernel's decompression are included) and
@@ -43,11 +48,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 # at 194-232 s, and in the afternoon that code at 240 s and this one (keyboard, early console and
 # panic=-1 by default) at 234 s, one after the other: they vary by a fifth within a day.
 SHELL_PROMPT_LIMIT = 300.0
+CPUS = 4
+
+
+def per_cpu(interrupts: str, name: str) -> list[int]:
+    """One /proc/interrupts row (LOC, RES, CAL...) as its per-CPU counts."""
+    m = re.search(rf"^\s*{name}:((?:\s+\d+)+)", interrupts, re.M)
+    assert m, f"no {name} row in:\n{interrupts}"
+    return [int(x) for x in m.group(1).split()]
+
+
+def pinned_loops(cpus: int) -> str:
+    """A busy loop pinned to each CPU, all at once; each ends by printing the CPU a process it
+    starts runs on (field 39 of /proc/self/stat)."""
+    loops = " ".join(f"(busybox taskset -c {c} busybox sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; "
+                     f"echo loop{c}-$i-on-cpu$(busybox awk \"{{print \\$39}}\" /proc/self/stat)') &" for c in range(cpus))
+    return f"{loops} wait"
 
 
 def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox_initrd: Path,
                                                       record_property: Callable[[str, object], None]) -> None:
-    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd)
+    proc, master, ms = start_kvmkit(stock_bzimage, busybox_initrd, "--cpus", str(CPUS))
     try:
         ms.wait("banner", "Linux version 6.1", 120)
         ms.wait("console enabled", "console [ttyS0] enabled", 300)
@@ -66,6 +87,10 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
         spurious_boot = ms.run("cat /proc/irq/4/spurious", 60, "spurious after boot")
         ms.run("head -c 1048576 /dev/zero | tr '\\0' x > /dev/ttyS0", 600, "1 MiB through ttyS0")
         spurious_mib = ms.run("cat /proc/irq/4/spurious; grep '^ *4:' /proc/interrupts", 60, "spurious after 1 MiB")
+        online = ms.run("nproc; grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online", 60, "CPUs online")
+        before = ms.run("cat /proc/interrupts", 60, "interrupts before the loops")
+        loops = ms.run(pinned_loops(CPUS), 600, "a loop pinned to each CPU")
+        after = ms.run("cat /proc/interrupts", 60, "interrupts after the loops")
         os.write(master, b"poweroff -f\r")
         status = proc.wait(120)
         ms.wait("poweroff", re.compile(rb"$"), 1)
@@ -80,6 +105,14 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
     assert re.search(r"^\s*4:\s+[1-9]\d*\s+.*ttyS0", interrupts, re.M), interrupts
     assert echo.strip() == "kvmkit-42", echo
     assert len(ms.segfaults) <= 1, ms.segfaults
+    assert online.split() == [str(CPUS), str(CPUS), f"0-{CPUS - 1}"], online
+    for c in range(CPUS):
+        assert f"loop{c}-3000-on-cpu{c}" in loops, loops  # ran to the end, on CPU c
+    loc_before, loc_after = per_cpu(before, "LOC"), per_cpu(after, "LOC")
+    assert len(loc_after) == CPUS and all(b > a > 0 for a, b in zip(loc_before, loc_after)), (loc_before, loc_after)
+    ipis = [sum(x) for x in zip(per_cpu(after, "RES"), per_cpu(after, "CAL"))]
+    assert all(n > 0 for n in ipis), after                # every CPU was sent IPIs by another
+    record_property("LOC per CPU after the loops", loc_after)
     assert status == 0, stderr
     assert "too much work for irq" not in text
     assert "Kernel panic" not in text

@@ -32,14 +32,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_command_runs_in_the_hosts_root_and_gives_kvmkit_its_status(stock_bzimage: Path, tmp_path: Path) -> None:
     """`--share /:hostroot,ro -- CMD`: the command runs on the guest kernel with the host's own programs
-    (its sh, uname and touch, read over 9P), from the host's working directory, writing only to tmpfs."""
+    (its sh, uname and touch, read over 9P), from the host's working directory, writing only to tmpfs;
+    on two vCPUs, both online (tests/linux/test_boot_stock.py boots four)."""
     here = tmp_path / "work dir"
     here.mkdir()
     (here / "marker").write_text("host file\n")
     script = ('echo "from the guest: $(uname -r) $0 in $(pwd)"; cat marker; '
               'touch /var/tmp/w && echo tmp-writable; touch marker2 || echo root-read-only; '
-              'test -r /proc/1/environ && echo guest-proc; exit 3')
-    p = subprocess.run([sys.executable, "-m", "kvmkit", "run", "--mem", MEM, "-k", str(stock_bzimage),
+              'test -r /proc/1/environ && echo guest-proc; echo "cpus $(nproc) $(grep -c ^processor /proc/cpuinfo)"; exit 3')
+    p = subprocess.run([sys.executable, "-m", "kvmkit", "run", "--mem", MEM, "-k", str(stock_bzimage), "--cpus", "2",
                         "--share", "/:hostroot,ro", "--", "sh", "-c", script, "it's"],
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdin=subprocess.DEVNULL, cwd=here,
                        capture_output=True, text=True, errors="replace", timeout=900)
@@ -48,6 +49,7 @@ def test_a_command_runs_in_the_hosts_root_and_gives_kvmkit_its_status(stock_bzim
     assert "from the guest: 6.1.0-" in out and f"it's in {here}" in out, out[-3000:]
     assert "host file" in out and "tmp-writable" in out and "root-read-only" in out, out[-3000:]
     assert "guest-proc" in out, out[-3000:]          # /proc is the guest's own, bound over the host's
+    assert "cpus 2 2" in out, out[-3000:]
     assert not (here / "marker2").exists()
     first = p.stderr.splitlines()[0]
     assert first.startswith("kvmkit: booting Linux 6.1.0-") and "kvmkit's busybox initramfs" in first, first

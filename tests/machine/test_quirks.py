@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvmkit.errors import KvmkitError
+from kvmkit.kvm import structs as s
+from kvmkit.machine.cpu import build_cpuid
 from kvmkit.machine import quirks as q
 from kvmkit.x86 import RFLAGS_IF, RFLAGS_RF
 
@@ -136,3 +138,89 @@ def test_exception_frame_unpack() -> None:
     raw = struct.pack("<6Q", 0x15, LSTAR, 0x33, 0x246, 0x7FFC0000, 0x2B)
     f = q.ExceptionFrame.unpack(raw)
     assert (f.error_code, f.rip, f.cs, f.rflags, f.rsp, f.ss) == (0x15, LSTAR, 0x33, 0x246, 0x7FFC0000, 0x2B)
+
+
+class FakeVcpu:
+    """Just what on_debug touches: registers, segments, MSRs and an identity-mapped guest memory."""
+
+    def __init__(self, regs: s.kvm_regs, sregs: s.kvm_sregs, msrs: dict[int, int]) -> None:
+        self.id = 0
+        self.regs, self.sregs, self.msrs = regs, sregs, msrs
+        self.calls: list[str] = []
+
+    def get_regs(self) -> s.kvm_regs:
+        return s.kvm_regs.from_buffer_copy(bytes(self.regs))
+
+    def set_regs(self, regs: s.kvm_regs) -> None:
+        self.calls.append("set_regs")
+        self.regs = regs
+
+    def get_sregs(self) -> s.kvm_sregs:
+        return s.kvm_sregs.from_buffer_copy(bytes(self.sregs))
+
+    def set_sregs(self, sregs: s.kvm_sregs) -> None:
+        self.calls.append("set_sregs")
+        self.sregs = sregs
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        return {i: self.msrs.get(i, 0) for i in indices}
+
+    def translate(self, linear: int) -> s.kvm_translation:
+        t = s.kvm_translation()
+        t.linear_address, t.physical_address, t.valid = linear, linear & 0xFFFFF, 1
+        return t
+
+
+class FakeRam:
+    def __init__(self) -> None:
+        self.data = bytearray(1 << 20)
+
+    def read_available(self, gpa: int, n: int) -> bytes:
+        return bytes(self.data[gpa:gpa + n])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.data[gpa:gpa + len(data)] = data
+
+
+def syscall_fault(gate_cs: int) -> tuple[q.NestedPvmQuirks, FakeVcpu]:
+    """A vCPU stopped on the watched #PF handler for a user SYSCALL, the fault's frame on its stack."""
+    ram = FakeRam()
+    quirks = q.NestedPvmQuirks(cpus=1, mem=ram, tsc_khz=None)  # type: ignore[arg-type]
+    handler, kstack = 0xFFFFFFFF81A00000, 0xFFFFC90000008F00
+    quirks._handler[0] = handler
+    regs = s.kvm_regs(rip=handler, rsp=kstack, r11=0x246, rcx=0x401234)
+    sregs = s.kvm_sregs()
+    sregs.cr2 = LSTAR
+    sregs.cs.selector = gate_cs
+    sregs.fs.base = 0x4C8380  # the user's TLS: nothing about the restart may touch it
+    frame = struct.pack("<6Q", 0x15, LSTAR, 0x33, 0x246, 0x7FFC1230, 0x2B)
+    ram.write(kstack & 0xFFFFF, frame)
+    vcpu = FakeVcpu(regs, sregs, {q.MSR_LSTAR: LSTAR, q.MSR_STAR: STAR, q.MSR_SYSCALL_MASK: FMASK})
+    return quirks, vcpu
+
+
+def test_syscall_restart_sets_only_the_general_registers() -> None:
+    quirks, vcpu = syscall_fault(gate_cs=0x10)
+    assert quirks.on_debug(vcpu, None)  # type: ignore[arg-type]
+    assert vcpu.calls == ["set_regs"]  # no KVM_SET_SREGS: FS base, CRs, EFER and pending IRQs untouched
+    assert (vcpu.regs.rip, vcpu.regs.rsp, vcpu.regs.rcx) == (LSTAR, 0x7FFC1230, 0x401234)
+    assert not vcpu.regs.rflags & RFLAGS_IF
+    assert vcpu.sregs.fs.base == 0x4C8380
+    assert quirks.counters.syscalls == 1 and quirks.counters.sregs_restarts == 0
+
+
+def test_syscall_restart_loads_star_segments_when_the_gate_differs() -> None:
+    quirks, vcpu = syscall_fault(gate_cs=0x08)
+    assert quirks.on_debug(vcpu, None)  # type: ignore[arg-type]
+    assert vcpu.calls == ["set_sregs", "set_regs"]
+    assert vcpu.sregs.cs.selector == 0x10 and vcpu.sregs.ss.selector == 0x18
+    assert vcpu.sregs.fs.base == 0x4C8380
+    assert quirks.counters.sregs_restarts == 1
+
+
+def test_kvm_hypercall_features_are_hidden() -> None:
+    """PV spinlock kicks, PV IPIs and PV yield are VMCALLs, which PVM's emulator never completes."""
+    leaf = s.kvm_cpuid_entry2(function=q.KVM_CPUID_FEATURES, eax=0x01FFFFFF)
+    (out,) = build_cpuid([leaf], apic_id=1, ncpus=2, clear=q.NestedPvmQuirks(cpus=2, mem=None, tsc_khz=None).cpuid_clear())  # type: ignore[arg-type]
+    assert out.eax & (q.KVM_FEATURE_PV_UNHALT | q.KVM_FEATURE_PV_SEND_IPI | q.KVM_FEATURE_PV_SCHED_YIELD) == 0
+    assert out.eax & 1  # the kvmclock and the rest stay

@@ -89,7 +89,24 @@ def resolve_profile(name: str | None, sys_module: Path = Path("/sys/module")) ->
 
 # Bits cleared in the KVM_SET_CPUID2 table. Only bits KVM lists as supported
 # can be hidden this way here; the rest are hidden with clearcpuid= below.
-CPUID_CLEAR: dict[tuple[int, str], int] = {(1, "ecx"): CPUID1_ECX_CX16}  # lock cmpxchg16b is not emulated
+#
+# KVM's paravirtual features that Linux uses through VMCALL: the PV spinlock
+# kick (PV_UNHALT), PV IPIs and PV yield, all of them only with more than one
+# CPU. The emulator never executes a hypercall: it "fixes" the instruction to
+# the host vendor's own and re-enters the guest to run it natively. Under PVM
+# a guest's ring 0 is always emulated, so the fixed VMCALL is emulated again,
+# fixed again, forever: a secondary CPU sat at one VMCALL for good and the
+# boot hung after "x86: Booting SMP configuration". Without the features
+# Linux uses the LAPIC's ICR for IPIs and plain spinning.
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_PV_UNHALT = 1 << 7
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD
+CPUID_CLEAR: dict[tuple[int, str], int] = {
+    (1, "ecx"): CPUID1_ECX_CX16,  # lock cmpxchg16b is not emulated
+    (KVM_CPUID_FEATURES, "eax"): KVM_HYPERCALL_FEATURES,
+}
 
 # Features the guest sees from the host CPU although the CPUID table lacks
 # them; each either leads to an instruction the emulator lacks (smap: clac/stac,
@@ -253,6 +270,7 @@ class QuirkCounters:
     syscalls: int = 0
     page_faults_seen: int = 0
     rearms: int = 0
+    sregs_restarts: int = 0
 
 
 class NestedPvmQuirks:
@@ -417,9 +435,19 @@ class NestedPvmQuirks:
                 regs.rip = st.rip
                 regs.rsp = st.rsp
                 regs.rflags = st.rflags
-                sregs.cs = flat_segment(st.cs, True)
-                sregs.ss = flat_segment(st.ss, False)
-                vcpu.set_sregs(sregs)
+                if sregs.cs.selector != st.cs:
+                    # The #PF gate's selector is not STAR's kernel CS (no Linux does this): load
+                    # both segments as SYSCALL would, at the price of a whole KVM_SET_SREGS.
+                    sregs.cs = flat_segment(st.cs, True)
+                    sregs.ss = flat_segment(st.ss, False)
+                    vcpu.set_sregs(sregs)
+                    self.counters.sregs_restarts += 1
+                # Otherwise only RIP, RSP and RFLAGS change: the fault's delivery already loaded the
+                # kernel CS, and left SS null as every exception from user mode does (the kernel's
+                # SYSCALL entry never reads SS; SYSRET loads the user's from STAR). KVM_SET_SREGS
+                # would write back every segment base (FS's among them), the control registers,
+                # EFER, the APIC base and the pending-interrupt bitmap from a copy read a moment
+                # before: docs/quirks.md, "the TLS crash".
                 vcpu.set_regs(regs)
                 self.counters.syscalls += 1
                 return True
