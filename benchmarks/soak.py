@@ -49,8 +49,9 @@ def exec_loop(execs: int, cpus: int, program: str = "busybox true") -> str:
     for c, n in enumerate(share):
         body = (f"n=0; bad=0; while [ $n -lt {n} ]; do {program}; [ $? -ge 128 ] && bad=$((bad+1)); "
                 f"n=$((n+1)); done; echo soak-cpu{c} $n $bad")
-        loops.append(f"(busybox taskset -c {c} busybox sh -c '{body}') &")
-    return " ".join(loops) + " wait"
+        loops.append(f"(busybox taskset -c {c} busybox sh -c '{body}') & p=\"$p $!\";")
+    # Wait for these loops only: a plain `wait` would also wait for any job the shell already had.
+    return "p=; " + " ".join(loops) + " wait $p"
 
 
 LOOP_RESULT = re.compile(r"^soak-cpu(\d+) (\d+) (\d+)\r?$", re.M)

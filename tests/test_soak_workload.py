@@ -47,3 +47,10 @@ def test_summary_figures() -> None:
     sm = soak.summarise(boots)
     assert sm["crashed_per_boot"] == 0.5 and sm["crashed_per_kexec"] == 5.0
     assert sm["boot_s_median"] == 210.0 and sm["exec_per_s_median"] == 1.5 and sm["all_online"]
+
+
+def test_the_line_waits_for_its_own_loops_only() -> None:
+    """A shell with a job of its own running (the slow tests' snapshot has one) still ends the line."""
+    line = f"(while true; do sleep 1; done) & {soak.exec_loop(2, 1)}; echo ended; kill %1"
+    out = subprocess.run([BUSYBOX, "sh", "-c", line], capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    assert "soak-cpu0 2 0\nended" in out.stdout, out
