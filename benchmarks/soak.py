@@ -57,6 +57,11 @@ def exec_loop(execs: int, cpus: int, program: str = "busybox true") -> str:
 LOOP_RESULT = re.compile(r"^soak-cpu(\d+) (\d+) (\d+)\r?$", re.M)
 
 
+def parse_loops(output: str) -> dict[int, tuple[int, int]]:
+    """What :func:`exec_loop`'s loops reported: CPU -> (runs, crashed)."""
+    return {int(c): (int(n), int(bad)) for c, n, bad in LOOP_RESULT.findall(output)}
+
+
 class Shell:
     """The booted guest's shell on the API console: type a line, get what it printed."""
 
@@ -88,7 +93,7 @@ def one_boot(kernel: Path, initrd: Path, cpus: int, execs: int, timeout: float) 
         shell.answer_query(60)
         online = int(shell.run("busybox nproc", 120).strip().splitlines()[-1])
         t1 = time.monotonic()
-        loops = {int(c): (int(n), int(bad)) for c, n, bad in LOOP_RESULT.findall(shell.run(exec_loop(execs, cpus), 40 * execs))}
+        loops = parse_loops(shell.run(exec_loop(execs, cpus), 40 * execs))
         exec_s = time.monotonic() - t1
         pipeline = shell.run("busybox seq 1 5000 | busybox sort -rn | busybox head -n 1", 300).strip().splitlines()
         segv = [ln.strip() for ln in shell.run("busybox dmesg | busybox grep 'segfault at'", 120).splitlines()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="needs busybox (tools/in
 def run_loop(execs: int, cpus: int, program: str = "busybox true") -> dict[int, tuple[int, int]]:
     out = subprocess.run([BUSYBOX, "sh", "-c", soak.exec_loop(execs, cpus, program)],  # type: ignore[list-item]
                          capture_output=True, text=True, timeout=120)
-    return {int(c): (int(n), int(bad)) for c, n, bad in soak.LOOP_RESULT.findall(out.stdout)}
+    return soak.parse_loops(out.stdout)
 
 
 def test_the_runs_are_split_over_the_cpus_and_counted() -> None:

@@ -37,7 +37,7 @@ def test_exec_heavy_work_crashes_no_guest_process(linux_snapshot: LinuxSnapshot,
     finally:
         stderr = finish_kvmkit(proc, master, ms, record_property)
     print(stderr, file=sys.stderr)
-    runs = {int(c): (int(n), int(bad)) for c, n, bad in soak.LOOP_RESULT.findall(loops)}
+    runs = soak.parse_loops(loops)
     record_property("busybox runs, crashed", runs)
     assert runs == {0: (EXECS, 0)}, loops
     assert pipeline.strip().splitlines()[-1:] == ["5000"], pipeline
