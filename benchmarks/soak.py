@@ -113,8 +113,10 @@ def summarise(boots: list[dict[str, Any]]) -> dict[str, Any]:
     return {"boots": len(boots), "execs": execs, "crashed": crashed,
             "crashed_per_boot": crashed / len(boots), "crashed_per_kexec": 1000 * crashed / max(execs, 1),
             "kernel_segfault_lines": sum(len(b["kernel_segfault_lines"]) for b in boots),
-            "boot_s_median": statistics.median(b["boot_s"] for b in boots),
-            "exec_per_s_median": statistics.median(b["execs"] / b["exec_s"] for b in boots if b["exec_s"] > 0),
+            "failed_boots": sum(1 for b in boots if "error" in b),
+            "boot_s_median": statistics.median([b["boot_s"] for b in boots if "error" not in b] or [float("nan")]),
+            "exec_per_s_median": statistics.median([b["execs"] / b["exec_s"] for b in boots if b["exec_s"] > 0]
+                                                   or [float("nan")]),
             "all_online": all(b["online"] == b["cpus"] for b in boots)}
 
 
@@ -137,10 +139,16 @@ def main() -> int:
         initrd.write_bytes(busybox_initramfs())
         for i in range(args.boots):
             for n in counts:  # interleaved: each vCPU count sees the same host noise
-                b = one_boot(kernel, initrd, n, args.execs, args.timeout)
+                try:
+                    b = one_boot(kernel, initrd, n, args.execs, args.timeout)
+                except Exception as e:  # a boot that never reaches its shell is a figure too, not the end of the soak
+                    b = {"cpus": n, "online": 0, "boot_s": float("nan"), "exec_s": 0.0, "execs": 0,
+                         "loops_reported": [], "crashed": 0, "pipeline": [], "kernel_segfault_lines": [],
+                         "error": f"{type(e).__name__}: {e}"}
                 result["boots"][str(n)].append(b)
                 print(f"boot {i + 1}/{args.boots}, {n} vCPU(s): shell at {b['boot_s']:.0f} s, {b['online']} online, "
-                      f"{b['execs']} execs in {b['exec_s']:.0f} s, {b['crashed']} crashed", file=sys.stderr, flush=True)
+                      f"{b['execs']} execs in {b['exec_s']:.0f} s, {b['crashed']} crashed {b.get('error', '')}",
+                      file=sys.stderr, flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(result, indent=2))
     for n in counts:
@@ -149,11 +157,11 @@ def main() -> int:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=1))
     print(f"\n{'vCPUs':>5} {'boots':>5} {'execs':>7} {'crashed':>7} {'/boot':>6} {'/1000 execs':>11} "
-          f"{'boot s (median)':>15} {'execs/s':>7} {'all online':>10}")
+          f"{'boot s (median)':>15} {'execs/s':>7} {'all online':>10} {'failed':>6}")
     for n, sm in result["summary"].items():
         print(f"{n:>5} {sm['boots']:5d} {sm['execs']:7d} {sm['crashed']:7d} {sm['crashed_per_boot']:6.2f} "
               f"{sm['crashed_per_kexec']:11.3f} {sm['boot_s_median']:15.1f} {sm['exec_per_s_median']:7.1f} "
-              f"{str(sm['all_online']):>10}")
+              f"{str(sm['all_online']):>10} {sm['failed_boots']:6d}")
     return 0
 
 
