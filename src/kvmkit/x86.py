@@ -18,6 +18,7 @@ CR0_PG = 1 << 31  # paging
 
 # CR4
 CR4_PAE = 1 << 5
+CR4_LA57 = 1 << 12  # five-level paging: 57-bit linear addresses
 
 # IA32_EFER (SDM 2.2.1)
 EFER_LME = 1 << 8   # long mode enable
@@ -47,3 +48,11 @@ CPUID1_ECX_CX16 = 1 << 13
 CPUID1_ECX_HYPERVISOR = 1 << 31
 # CPUID leaf 1 EDX
 CPUID1_EDX_HTT = 1 << 28  # the logical processor count in EBX is valid
+
+
+def is_canonical(address: int, la57: bool = False) -> bool:
+    """Bits 63 down to the top implemented linear-address bit (47, or 56 with LA57) all equal (SDM 3.3.7.1).
+    A non-canonical value in LSTAR and the other address MSRs makes WRMSR fault with #GP."""
+    top = 56 if la57 else 47
+    upper = (address & (1 << 64) - 1) >> top
+    return upper in (0, (1 << (64 - top)) - 1)

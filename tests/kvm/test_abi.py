@@ -31,7 +31,8 @@ STRUCTS = {
     "kvm_stats_desc": s.kvm_stats_desc,
     "kvm_mp_state": s.kvm_mp_state, "kvm_xsave": s.kvm_xsave, "kvm_xcr": s.kvm_xcr, "kvm_xcrs": s.kvm_xcrs,
     "kvm_debugregs": s.kvm_debugregs, "kvm_pit_channel_state": s.kvm_pit_channel_state,
-    "kvm_pit_state2": s.kvm_pit_state2,
+    "kvm_pit_state2": s.kvm_pit_state2, "kvm_msr_filter": s.kvm_msr_filter,
+    "kvm_msr_filter_range": s.kvm_msr_filter_range,
 }
 
 # (C expression for the offset, Python offset)
@@ -67,19 +68,23 @@ OFFSETS = {
     "offsetof(struct kvm_debugregs, dr7)": s.kvm_debugregs.dr7.offset,
     "offsetof(struct kvm_pit_channel_state, count_load_time)": s.kvm_pit_channel_state.count_load_time.offset,
     "offsetof(struct kvm_pit_state2, flags)": s.kvm_pit_state2.flags.offset,
+    "offsetof(struct kvm_run, msr.index)": s.kvm_run.exit.offset + s.kvm_run_msr.index.offset,
+    "offsetof(struct kvm_run, msr.data)": s.kvm_run.exit.offset + s.kvm_run_msr.data.offset,
+    "offsetof(struct kvm_msr_filter_range, bitmap)": s.kvm_msr_filter_range.bitmap.offset,
 }
 
 IOCTLS = [name for name in dir(c) if name.startswith("KVM_") and name not in (
     "KVM_API_VERSION",) and isinstance(getattr(c, name), int) and (
     name.startswith(("KVM_GET_", "KVM_SET_", "KVM_CREATE_", "KVM_RUN", "KVM_CHECK_", "KVM_IRQ", "KVM_IOEVENTFD",
-                     "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_ENABLE_CAP", "KVM_KVMCLOCK_CTRL")))
+                     "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_ENABLE_CAP", "KVM_KVMCLOCK_CTRL",
+                     "KVM_X86_SET_MSR_FILTER")))
     and not name.startswith(("KVM_IRQFD_FLAG", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_"))]
 
 CAPS = {f"KVM_CAP_{cap.name}": int(cap) for cap in c.Cap}
 EXITS = {f"KVM_EXIT_{e.name}": int(e) for e in c.ExitReason}
 FLAGS = {name: getattr(c, name) for name in dir(c) if name.startswith((
     "KVM_IOEVENTFD_FLAG_", "KVM_IRQFD_FLAG_", "KVM_GUESTDBG_", "KVM_MEM_", "KVM_IRQ_ROUTING_",
-    "KVM_IRQCHIP_", "KVM_STATS_", "KVM_SYSTEM_EVENT_", "KVM_VCPUEVENT_VALID_", "KVM_MP_STATE_"))}
+    "KVM_IRQCHIP_", "KVM_STATS_", "KVM_SYSTEM_EVENT_", "KVM_VCPUEVENT_VALID_", "KVM_MP_STATE_", "KVM_MSR_"))}
 FLAGS.update({f"KVM_SYSTEM_EVENT_{e.name}": int(e) for e in c.SystemEvent})
 FLAGS.update({f"KVM_INTERNAL_ERROR_{e.name}": int(e) for e in c.InternalErrorSuberror})
 

@@ -11,7 +11,7 @@ from kvmkit.errors import KvmkitError
 from kvmkit.kvm import structs as s
 from kvmkit.machine.cpu import build_cpuid
 from kvmkit.machine import quirks as q
-from kvmkit.x86 import RFLAGS_IF, RFLAGS_RF
+from kvmkit.x86 import EFER_LMA, EFER_LME, RFLAGS_IF, RFLAGS_RF, is_canonical
 
 # --- detection ----------------------------------------------------------------------
 
@@ -165,6 +165,14 @@ class FakeVcpu:
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         return {i: self.msrs.get(i, 0) for i in indices}
 
+    def set_msrs(self, values: dict[int, int]) -> int:
+        self.msrs.update(values)
+        return len(values)
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        self.calls.append("set_guest_debug")
+        self.debugreg = debugreg
+
     def translate(self, linear: int) -> s.kvm_translation:
         t = s.kvm_translation()
         t.linear_address, t.physical_address, t.valid = linear, linear & 0xFFFFF, 1
@@ -224,3 +232,47 @@ def test_kvm_hypercall_features_are_hidden() -> None:
     (out,) = build_cpuid([leaf], apic_id=1, ncpus=2, clear=q.NestedPvmQuirks(cpus=2, mem=None, tsc_khz=None).cpuid_clear())  # type: ignore[arg-type]
     assert out.eax & (q.KVM_FEATURE_PV_UNHALT | q.KVM_FEATURE_PV_SEND_IPI | q.KVM_FEATURE_PV_SCHED_YIELD) == 0
     assert out.eax & 1  # the kvmclock and the rest stay
+
+
+def long_mode_vcpu_with_idt(handler: int) -> tuple[q.NestedPvmQuirks, FakeVcpu]:
+    """A 64-bit vCPU whose IDT (at 0x2000, identity-mapped) has its #PF gate at ``handler``."""
+    ram = FakeRam()
+    quirks = q.NestedPvmQuirks(cpus=2, mem=ram, tsc_khz=None)  # type: ignore[arg-type]
+    ram.write(0x2000 + 14 * 16, gate(handler))
+    sregs = s.kvm_sregs()
+    sregs.efer = EFER_LME | EFER_LMA
+    sregs.idt.base, sregs.idt.limit = 0x2000, 256 * 16 - 1
+    return quirks, FakeVcpu(s.kvm_regs(), sregs, {})
+
+
+def test_the_lstar_write_arms_the_breakpoint_at_once() -> None:
+    """A secondary CPU's syscall_init() is the moment it can make system calls: no waiting for a kick."""
+    handler = 0xFFFFFFFF81A00000
+    quirks, vcpu = long_mode_vcpu_with_idt(handler)
+    assert quirks.on_lstar_write(vcpu, LSTAR)  # type: ignore[arg-type]
+    assert vcpu.msrs[q.MSR_LSTAR] == LSTAR
+    assert vcpu.calls == ["set_guest_debug"] and vcpu.debugreg is not None and vcpu.debugreg[0] == handler
+    assert quirks.counters.lstar_writes == 1 and quirks.counters.rearms == 1
+
+
+def test_a_non_canonical_lstar_is_refused_unwritten() -> None:
+    quirks, vcpu = long_mode_vcpu_with_idt(0xFFFFFFFF81A00000)
+    assert not quirks.on_lstar_write(vcpu, 0x0000800000000000)  # type: ignore[arg-type]
+    assert q.MSR_LSTAR not in vcpu.msrs and vcpu.calls == []
+
+
+def test_no_idt_is_read_outside_long_mode() -> None:
+    quirks, vcpu = long_mode_vcpu_with_idt(0xFFFFFFFF81A00000)
+    vcpu.sregs.efer = 0
+    assert quirks.on_lstar_write(vcpu, LSTAR)  # type: ignore[arg-type]
+    assert vcpu.calls == [] and quirks.counters.rearms == 0
+
+
+@pytest.mark.parametrize("address, la57, ok", [
+    (0, False, True), (0x00007FFFFFFFFFFF, False, True), (0x0000800000000000, False, False),
+    (0xFFFF800000000000, False, True), (0xFFFF7FFFFFFFFFFF, False, False), (0xFFFFFFFFFFFFFFFF, False, True),
+    (0x0000800000000000, True, True), (0x00FFFFFFFFFFFFFF, True, True), (0x0100000000000000, True, False),
+    (0xFF00000000000000, True, True), (0xFEFFFFFFFFFFFFFF, True, False),
+])
+def test_is_canonical(address: int, la57: bool, ok: bool) -> None:
+    assert is_canonical(address, la57) is ok

@@ -374,6 +374,17 @@ def irq_routing_buffer(n: int) -> type[Structure]:
     return _kvm_irq_routing_n
 
 
+class kvm_msr_filter_range(Structure):
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("pad", u32), ("bitmap", u64)]
+
+
+KVM_MSR_FILTER_MAX_RANGES = 16
+
+
+class kvm_msr_filter(Structure):
+    _fields_ = [("flags", u32), ("pad", u32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
 class kvm_enable_cap(Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 

@@ -252,6 +252,20 @@ class Vm:
             arg.args[i] = a
         _ioctl(self.fd, c.KVM_ENABLE_CAP, arg)
 
+    def deny_msr_writes(self, indices: Iterable[int]) -> None:
+        """KVM_X86_SET_MSR_FILTER: the guest's WRMSR to these MSRs is refused by KVM (and, with
+        KVM_CAP_X86_USER_SPACE_MSR's FILTER reason enabled, exits to userspace); every other
+        access is allowed. The VMM's own KVM_SET_MSRS is never filtered."""
+        idx = sorted(set(indices))
+        if len(idx) > s.KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError(f"at most {s.KVM_MSR_FILTER_MAX_RANGES} MSRs can be filtered, not {len(idx)}")
+        deny = (ctypes.c_uint8 * 1)(0)  # one MSR per range, its bit clear: refused
+        flt = s.kvm_msr_filter(flags=c.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        for i, index in enumerate(idx):
+            flt.ranges[i] = s.kvm_msr_filter_range(flags=c.KVM_MSR_FILTER_WRITE, nmsrs=1, base=index,
+                                                   bitmap=ctypes.addressof(deny))
+        _ioctl(self.fd, c.KVM_X86_SET_MSR_FILTER, flt)  # KVM copies the bitmaps before returning
+
     def stats_fd(self) -> int:
         return _ioctl(self.fd, c.KVM_GET_STATS_FD)
 

@@ -34,7 +34,7 @@ from ..host.loop import EventLoop
 from ..host.netuser import open_user_net
 from ..host.tap import TapBackend
 from ..host.p9server import P9Server, share_fid_limit
-from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap
+from ..kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MSR_EXIT_REASON_FILTER, Cap
 from ..kvm.state import restore_vcpu, restore_vm, save_vcpu, save_vm
 from ..kvm.system import Kvm, KvmError, Vm
 from ..memory import MiB, GuestMemory
@@ -155,6 +155,7 @@ class Machine:
         self.gsi_routes = GsiRoutes(vm.set_gsi_routing)
         self._build_devices(backends)
         self.quirks = make_quirks(cfg.quirks, cpus=cfg.cpus, mem=self.mem, tsc_khz=vm.get_tsc_khz())
+        self._trap_msr_writes(kvm, vm, self.quirks.msr_write_traps())
         cpuid_clear = dict(self.quirks.cpuid_clear())
         for key, bits in cfg.cpuid_clear.items():
             cpuid_clear[key] = cpuid_clear.get(key, 0) | bits
@@ -174,6 +175,20 @@ class Machine:
                 self.kvm_stats[i] = StatsReader(vcpu.stats_fd())
             except (KvmError, OSError):
                 pass
+
+    def _trap_msr_writes(self, kvm: Kvm, vm: Vm, indices: list[int]) -> None:
+        """Have the guest's WRMSR to these MSRs exit to the vCPU loop (its msr_write_hooks).
+        A KVM without MSR filters leaves them to KVM: the quirks then arm at the next kick."""
+        if not indices:
+            return
+        if not (kvm.check_extension(Cap.X86_USER_SPACE_MSR) and kvm.check_extension(Cap.X86_MSR_FILTER)):
+            log.info("this KVM has no MSR filter; MSR writes %s are not trapped", [hex(i) for i in indices])
+            return
+        try:
+            vm.enable_cap(Cap.X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)
+            vm.deny_msr_writes(indices)
+        except KvmError as e:
+            log.info("MSR filter refused (%s); MSR writes %s are not trapped", e, [hex(i) for i in indices])
 
     def _snapshot_cpuid(self, index: int, here: list) -> list:
         """The CPUID the snapshot's guest saw, if this host can give every feature of it."""

@@ -42,8 +42,10 @@ from ..memory import GuestMemory
 from ..x86 import (
     BP_VECTOR,
     CPUID1_ECX_CX16,
+    CR4_LA57,
     DR7_FIXED,
     DR7_G0,
+    EFER_LMA,
     MSR_LSTAR,
     MSR_STAR,
     MSR_SYSCALL_MASK,
@@ -51,6 +53,7 @@ from ..x86 import (
     RFLAGS_AC,
     RFLAGS_FIXED,
     RFLAGS_RF,
+    is_canonical,
 )
 from .config import QUIRK_PROFILES as PROFILES
 from .cpu import flat_segment
@@ -271,6 +274,7 @@ class QuirkCounters:
     page_faults_seen: int = 0
     rearms: int = 0
     sregs_restarts: int = 0
+    lstar_writes: int = 0
 
 
 class NestedPvmQuirks:
@@ -296,6 +300,12 @@ class NestedPvmQuirks:
         runner.add_exit_hook(c.ExitReason.INTERNAL_ERROR, self.on_internal_error)
         runner.add_exit_hook(c.ExitReason.DEBUG, self.on_debug)
         runner.kick_hooks.append(self.on_kick)
+        runner.msr_write_hooks[MSR_LSTAR] = self.on_lstar_write
+
+    def msr_write_traps(self) -> list[int]:
+        """The guest's LSTAR write comes to the VMM: the moment that vCPU can make system calls,
+        so the moment to watch its page-fault handler (a secondary CPU brought online, too)."""
+        return [MSR_LSTAR]
 
     def cmdline_params(self) -> list[str]:
         return pvm_cmdline_params(self.cpus, self.tsc_khz)
@@ -377,6 +387,28 @@ class NestedPvmQuirks:
         except (KvmkitError, KvmError) as e:
             log.debug("IDT check failed on vCPU %d: %s", vcpu.id, e)
 
+    def on_lstar_write(self, vcpu: Vcpu, value: int) -> bool:
+        """The guest's WRMSR to LSTAR (filtered): write it for the guest, then arm at once.
+
+        Without this the breakpoint was armed at the next once-a-second kick, and a
+        CPU onlined while the guest ran had up to a second in which a system call
+        would fault unwatched. False (KVM then injects #GP) when KVM refuses the value,
+        a non-canonical address, as the CPU would."""
+        try:
+            # Checked here: this KVM takes any value through KVM_SET_MSRS, the CPU does not.
+            if not is_canonical(value, bool(vcpu.get_sregs().cr4 & CR4_LA57)):
+                return False
+            if vcpu.set_msrs({MSR_LSTAR: value}) != 1:
+                return False
+        except KvmError:
+            return False
+        self.counters.lstar_writes += 1
+        try:
+            self.check_idt(vcpu)
+        except (KvmkitError, KvmError) as e:
+            log.debug("IDT check after LSTAR write failed on vCPU %d: %s", vcpu.id, e)
+        return True
+
     def check_idt(self, vcpu: Vcpu) -> None:
         """Watch the guest's #PF handler once system calls are possible (MSR_LSTAR set).
 
@@ -389,8 +421,8 @@ class NestedPvmQuirks:
         if not vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR, 0):
             return
         sregs = vcpu.get_sregs()
-        if sregs.idt.limit < (PF_VECTOR + 1) * 16 - 1:
-            return
+        if not sregs.efer & EFER_LMA or sregs.idt.limit < (PF_VECTOR + 1) * 16 - 1:
+            return  # 16-byte gates only in long mode; a real-mode IVT is no IDT
         view = self._view(vcpu)
         handler = read_idt_handler(view, sregs.idt.base, sregs.idt.limit, PF_VECTOR)
         if handler is None or handler == self._handler.get(vcpu.id):
@@ -501,6 +533,9 @@ class NoQuirks:
 
     def install(self, runner: VcpuRunner) -> None:
         pass
+
+    def msr_write_traps(self) -> list[int]:
+        return []
 
     def cmdline_params(self) -> list[str]:
         return []

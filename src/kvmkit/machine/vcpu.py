@@ -112,6 +112,9 @@ class VcpuRunner:
         # Called on the vCPU thread each time a kick (a signal, not a stop)
         # brings the vCPU out of KVM_RUN: the one moment its state can be read.
         self.kick_hooks: list[Callable[[Vcpu], None]] = []
+        # A guest WRMSR that the VM's MSR filter refuses (KVM_EXIT_X86_WRMSR): the hook gets the
+        # value and returns True when it took the write, False to have KVM inject #GP.
+        self.msr_write_hooks: dict[int, Callable[[Vcpu, int], bool]] = {}
 
     def add_exit_hook(self, reason: int, hook: ExitHook) -> None:
         self.exit_hooks.setdefault(int(reason), []).append(hook)
@@ -286,6 +289,9 @@ class VcpuRunner:
     def _slow_exit(self, reason: int) -> Outcome | None:
         """Exits that are rare enough for readable code: None to re-enter the guest, else how the VM ends."""
         run = self.vcpu.run
+        if reason == c.ExitReason.X86_WRMSR:
+            self._wrmsr(run.msr)
+            return None
         info = InternalError.from_run(run) if reason == c.ExitReason.INTERNAL_ERROR else None
         for hook in self.exit_hooks.get(reason, ()):
             if hook(self.vcpu, info):
@@ -314,6 +320,18 @@ class VcpuRunner:
         if reason in (c.ExitReason.INTR, c.ExitReason.IRQ_WINDOW_OPEN):
             return None
         return Outcome(1, f"unexpected exit {c.exit_reason_name(reason)} on vCPU {vid} at rip={self._rip()}", ERROR)
+
+    def _wrmsr(self, msr: s.kvm_run_msr) -> None:
+        """A filtered WRMSR: its hook decides; with none (or one that fails) the guest gets #GP,
+        as it would for an MSR the CPU refuses."""
+        hook = self.msr_write_hooks.get(msr.index)
+        ok = False
+        if hook is not None:
+            try:
+                ok = hook(self.vcpu, msr.data)
+            except Exception:
+                log.exception("vCPU %d: WRMSR %#x hook failed", self.vcpu.id, msr.index)
+        msr.error = 0 if ok else 1
 
     def _rip(self) -> str:
         try:
