@@ -40,6 +40,7 @@
 #include <linux/clockchips.h>
 #include <linux/cpu.h>
 #include <linux/cpuhotplug.h>
+#include <linux/smp.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
 #include <linux/percpu.h>
@@ -106,8 +107,11 @@ struct pvce_cpu {
 	u64 rate;		/* host ns per guest ns, 32.32 fixed point */
 	u64 expires;		/* the last deadline the core asked for */
 	int irq;
+	unsigned int cpu;
 	bool online;
 	char name[16];
+	call_single_data_t forward;	/* an interrupt taken on another CPU, run on this one */
+	unsigned long misrouted;
 };
 
 static DEFINE_PER_CPU(struct pvce_cpu, pvce_cpus);
@@ -210,9 +214,8 @@ static int pvce_set_oneshot(struct clock_event_device *ced)
 	return 0;
 }
 
-static irqreturn_t pvce_interrupt(int irq, void *dev_id)
+static void pvce_event(struct pvce_cpu *pc)
 {
-	struct pvce_cpu *pc = dev_id;
 	u64 now = ktime_get_ns();
 
 	/*
@@ -225,6 +228,32 @@ static irqreturn_t pvce_interrupt(int irq, void *dev_id)
 		pvce_sync(pc);
 	if (pc->ced.event_handler)
 		pc->ced.event_handler(&pc->ced);
+}
+
+/* Runs on pc's CPU, in the function-call IPI: hard interrupt context, like the interrupt. */
+static void pvce_forwarded(void *info)
+{
+	pvce_event(info);
+}
+
+static irqreturn_t pvce_interrupt(int irq, void *dev_id)
+{
+	struct pvce_cpu *pc = dev_id;
+
+	/*
+	 * A CPU's event handler must run on that CPU: it reprograms the
+	 * device of the CPU it runs on. The line's affinity is set before
+	 * it is started, so this should not happen; if it does (a deferred
+	 * affinity move delivers one interrupt to the old CPU), the event
+	 * goes on to its CPU rather than leaving that CPU without a tick.
+	 */
+	if (unlikely(pc->cpu != smp_processor_id())) {
+		pc->misrouted++;
+		pr_warn_once("pvce: %s interrupt taken on CPU %u, forwarded\n", pc->name, smp_processor_id());
+		smp_call_function_single_async(pc->cpu, &pc->forward);	/* -EBUSY: one is on its way */
+		return IRQ_HANDLED;
+	}
+	pvce_event(pc);
 	return IRQ_HANDLED;
 }
 
@@ -257,13 +286,24 @@ static int pvce_cpu_online(unsigned int cpu)
 		pc->control |= PVCE_CTRL_SHARED;
 	}
 	pc->irq = irq_base + cpu;
+	pc->cpu = cpu;
+	INIT_CSD(&pc->forward, pvce_forwarded, pc);
 	snprintf(pc->name, sizeof(pc->name), "pvce%u", cpu);
+	/*
+	 * The affinity first: set on a line not yet started, it is where the
+	 * vector is allocated when request_irq() starts it. Set after, an
+	 * IO-APIC line moves only at its next interrupt, which then still
+	 * arrives on the CPU picked by default. (The 8259 has no affinity:
+	 * with noapic every line goes to CPU 0, which is fine on one CPU.)
+	 */
+	ret = irq_set_affinity(pc->irq, cpumask_of(cpu));
+	if (ret && cpu != 0)
+		pr_warn("pvce: IRQ %d cannot be sent to CPU %u only (error %d)\n", pc->irq, cpu, ret);
 	ret = request_irq(pc->irq, pvce_interrupt, IRQF_TIMER | IRQF_NOBALANCING, pc->name, pc);
 	if (ret) {
 		pr_warn("pvce: IRQ %d for CPU %u: error %d\n", pc->irq, cpu, ret);
 		goto free_shm;
 	}
-	irq_set_affinity(pc->irq, cpumask_of(cpu));
 	/* Two handshakes PVCE_RATE_MIN_NS apart give the first rate estimate. */
 	pc->anchor = 0;
 	pc->rate = PVCE_RATE_ONE;

@@ -60,6 +60,7 @@ def test_pvm_params_contents() -> None:
     assert "load_system_certificate_list" in bl and "kfunc_init" in bl
     assert "pci=off" not in p  # a fact of the machine, not of the host: machine/cmdline.py adds it
     assert "nosmp" not in q.pvm_cmdline_params(cpus=2, tsc_khz=None)
+    assert "noapic" not in q.pvm_cmdline_params(cpus=2, tsc_khz=None)  # each CPU's pvce line needs the IO-APIC
     assert not any(w.startswith(("tsc_early_khz", "lpj")) for w in q.pvm_cmdline_params(cpus=2, tsc_khz=None))
 
 
