@@ -54,3 +54,15 @@ def test_the_line_waits_for_its_own_loops_only() -> None:
     line = f"(while true; do sleep 1; done) & {soak.exec_loop(2, 1)}; echo ended; kill %1"
     out = subprocess.run([BUSYBOX, "sh", "-c", line], capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
     assert "soak-cpu0 2 0\nended" in out.stdout, out
+
+
+def test_a_boot_that_failed_is_counted_not_averaged() -> None:
+    ok = {"cpus": 2, "online": 2, "boot_s": 200.0, "exec_s": 25.0, "execs": 50, "crashed": 1,
+          "kernel_segfault_lines": ["x[1]: segfault at 0"]}
+    failed = {"cpus": 2, "online": 0, "boot_s": float("nan"), "exec_s": 0.0, "execs": 0, "crashed": 0,
+              "kernel_segfault_lines": [], "error": "AssertionError: no prompt"}
+    sm = soak.summarise([ok, failed])
+    assert (sm["boots"], sm["failed_boots"], sm["execs"], sm["crashed"]) == (2, 1, 50, 1)
+    assert sm["boot_s_median"] == 200.0 and sm["exec_per_s_median"] == 2.0
+    assert sm["crashed_per_kexec"] == 20.0 and sm["kernel_segfault_lines"] == 1
+    assert not sm["all_online"]

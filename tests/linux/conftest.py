@@ -83,6 +83,11 @@ def snapshot_initrd(tmp_path_factory: pytest.TempPathFactory, pvce_ko: Path, tim
     return path
 
 
+# Two vCPUs: every test that restores the snapshot runs an SMP guest (per-CPU pvce devices,
+# the soak's loops on both CPUs, snapshot and restore of two vCPUs) at no extra boot.
+SNAPSHOT_CPUS = 2
+
+
 @pytest.fixture(scope="session")
 def linux_snapshot(stock_bzimage: Path, snapshot_initrd: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> LinuxSnapshot:
@@ -92,16 +97,20 @@ def linux_snapshot(stock_bzimage: Path, snapshot_initrd: Path,
     copy (seconds): the pattern for tests that need a running Linux and not
     its boot. Before the snapshot the guest writes /tmp/snapfile and starts
     a shell loop that counts into /tmp/count once a guest second (job %1 of
-    the shell). The initramfs also carries /pvce.ko and /timer_check.
+    the shell). The initramfs also carries /pvce.ko and /timer_check. The
+    guest has SNAPSHOT_CPUS vCPUs.
     """
     work = tmp_path_factory.mktemp("linux")
     (work / "run").mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(work / "run"))
     snap = work / "at-shell"
-    proc, master, ms = start_kvmkit(stock_bzimage, snapshot_initrd, "--name", "snapfixture", env=env)
+    proc, master, ms = start_kvmkit(stock_bzimage, snapshot_initrd, "--name", "snapfixture", "--cpus", str(SNAPSHOT_CPUS),
+                                    env=env)
     try:
         t_prompt = ms.wait("shell prompt", re.compile(rb"\n[^\n]*[#$] "), 300)
         ms.run("echo kept-in-ram > /tmp/snapfile", 60, "write a file")
+        online = int(ms.run("nproc", 60).strip().splitlines()[-1])
+        assert online == SNAPSHOT_CPUS, f"{online} of {SNAPSHOT_CPUS} CPUs online"
         os.write(master, b"(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done) &\r")
         count = 0
         deadline = time.monotonic() + 120
@@ -119,7 +128,7 @@ def linux_snapshot(stock_bzimage: Path, snapshot_initrd: Path,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         finish_kvmkit(proc, master, ms, lambda name, value: None)
-    return LinuxSnapshot(snap, env, t_prompt, t_snapshot, count)
+    return LinuxSnapshot(snap, env, t_prompt, t_snapshot, count, SNAPSHOT_CPUS)
 
 
 @pytest.fixture

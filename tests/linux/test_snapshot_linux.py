@@ -63,6 +63,10 @@ def test_restore_with_the_cli_goes_on_from_the_snapshot(linux_snapshot: LinuxSna
         t_unames.append(ms.times["uname -r"])
         uname = RELEASE.search(ms.buf).group(1).decode()
         kept = ms.run("cat /tmp/snapfile", 60, "file")
+        # Every vCPU came back: all online, and a process pinned to the last one runs there.
+        last = linux_snapshot.cpus - 1
+        online = ms.run("cat /sys/devices/system/cpu/online", 60, "online CPUs").strip()
+        stat = ms.run(f"busybox taskset -c {last} busybox cat /proc/self/stat", 60, "a run on the last CPU")
         c1 = int(ms.run("cat /tmp/count", 60, "count 1"))
         # The nested-PVM profile slows the guest's clock tenfold (tsc_early_khz):
         # its `sleep 1` is about 10 s here, so poll for the next count.
@@ -82,6 +86,8 @@ def test_restore_with_the_cli_goes_on_from_the_snapshot(linux_snapshot: LinuxSna
     record_property("restore to uname -r (s)", [round(t, 2) for t in t_unames])
     assert re.fullmatch(r"6\.1\.0-\d+-amd64", uname), uname
     assert kept.strip() == "kept-in-ram"
+    assert online == (f"0-{last}" if last else "0"), online
+    assert int(stat.rsplit(")", 1)[-1].split()[36]) == last, stat  # field 39: the CPU it last ran on
     assert before <= c1 <= before + 30, (before, c1)   # from where it was: not zero, not a reboot
     assert c2 > c1, (c1, c2)                           # and it goes on counting
     assert status == 0, stderr

@@ -522,7 +522,7 @@ class NestedPvmQuirks:
     def summary(self) -> str:
         done = ", ".join(f"{k} {n}" for k, n in sorted(self.counters.completed.items())) or "none"
         return (f"quirks nested-pvm: instructions completed: {done}; system calls restarted: {self.counters.syscalls}; "
-                f"page faults seen: {self.counters.page_faults_seen}")
+                f"page faults seen: {self.counters.page_faults_seen}; LSTAR writes trapped: {self.counters.lstar_writes}")
 
 
 class NoQuirks:
