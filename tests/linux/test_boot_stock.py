@@ -102,7 +102,8 @@ def test_stock_kernel_to_busybox_shell_and_poweroff(stock_bzimage: Path, busybox
     print(f"COM1 host writes per KiB of boot console: {writes_per_kib}\n"
           f"/proc/irq/4/spurious after boot:\n{spurious_boot}\nafter 1 MiB:\n{spurious_mib}", file=sys.stderr)
     assert re.fullmatch(r"6\.1\.0-\d+-amd64", uname.strip()), uname
-    assert re.search(r"^\s*4:\s+[1-9]\d*\s+.*ttyS0", interrupts, re.M), interrupts
+    # The UART's interrupts arrived (on whichever CPU the IO-APIC sends line 4 to).
+    assert re.search(r"^\s*4:.*ttyS0", interrupts, re.M) and sum(per_cpu(interrupts, "4")) > 0, interrupts
     assert echo.strip() == "kvmkit-42", echo
     assert online.split() == [str(CPUS), str(CPUS), f"0-{CPUS - 1}"], online
     for c in range(CPUS):
