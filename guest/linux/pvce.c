@@ -111,7 +111,6 @@ struct pvce_cpu {
 	bool online;
 	char name[16];
 	call_single_data_t forward;	/* an interrupt taken on another CPU, run on this one */
-	unsigned long misrouted;
 };
 
 static DEFINE_PER_CPU(struct pvce_cpu, pvce_cpus);
@@ -248,7 +247,6 @@ static irqreturn_t pvce_interrupt(int irq, void *dev_id)
 	 * goes on to its CPU rather than leaving that CPU without a tick.
 	 */
 	if (unlikely(pc->cpu != smp_processor_id())) {
-		pc->misrouted++;
 		pr_warn_once("pvce: %s interrupt taken on CPU %u, forwarded\n", pc->name, smp_processor_id());
 		smp_call_function_single_async(pc->cpu, &pc->forward);	/* -EBUSY: one is on its way */
 		return IRQ_HANDLED;
