@@ -47,26 +47,21 @@ COUNT = 20
 CLOCKEVENTS = "/sys/devices/system/clockevents/clockevent[0-9]*/current_device"
 
 
-def irq_counts(interrupts: str) -> dict[str, int]:
-    """Per-line total counts of /proc/interrupts, keyed by IRQ number or name (LOC, ...)."""
+def irq_rows(interrupts: str) -> dict[str, list[int]]:
+    """/proc/interrupts as its per-CPU counts, keyed by IRQ number or name (LOC, ...); a pvce line
+    also under its device's name (pvce0, ...)."""
     out = {}
     for line in interrupts.splitlines():
         m = re.match(r"\s*(\w+):((?:\s+\d+)+)(.*)", line)
         if m:
-            out[m.group(1)] = sum(int(x) for x in m.group(2).split())
-            if "pvce" in m.group(3):
+            out[m.group(1)] = [int(x) for x in m.group(2).split()]
+            if re.search(r"\bpvce\d+\s*$", m.group(3)):
                 out[m.group(3).split()[-1]] = out[m.group(1)]
     return out
 
 
-def pvce_columns(interrupts: str) -> dict[str, list[int]]:
-    """The pvce lines of /proc/interrupts, name -> the count on each CPU."""
-    out = {}
-    for line in interrupts.splitlines():
-        m = re.match(r"\s*\d+:((?:\s+\d+)+)\s.*\b(pvce\d+)\s*$", line)
-        if m:
-            out[m.group(2)] = [int(x) for x in m.group(1).split()]
-    return out
+def pvce_rows(rows: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {k: v for k, v in rows.items() if k.startswith("pvce")}
 
 
 def uptime_delta(ms, command: str, cpu: int | None = None) -> tuple[float, float]:
@@ -98,19 +93,19 @@ def test_pvce_module_takes_over_the_tick(linux_snapshot: LinuxSnapshot,
         ms.run("kill %1", 60, "stop the counter")   # the fixture's background job: a timer test wants a quiet guest
         report["clocksource"] = ms.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource").strip()
         report["clockevents before"] = ms.run(f"cat {CLOCKEVENTS}").split()
-        before = irq_counts(ms.run("cat /proc/interrupts"))
+        before = irq_rows(ms.run("cat /proc/interrupts"))
         report["insmod"] = ms.run("insmod /pvce.ko; echo insmod=$?", 120).strip()
         report["dmesg"] = ms.run("dmesg | tail -n 8")
         report["clockevents after"] = ms.run(f"cat {CLOCKEVENTS}").split()
-        text = ms.run("cat /proc/interrupts")
-        loaded, loaded_cols = irq_counts(text), pvce_columns(text)
+        loaded = irq_rows(ms.run("cat /proc/interrupts"))
+        loaded_cols = pvce_rows(loaded)
         # Each CPU sleeps on its own device: pinned there, only that CPU's pvce can wake it.
         sleeps = [uptime_delta(ms, "sleep 1", c) for c in range(cpus)]
         usleep = uptime_delta(ms, "usleep 200000")
         tcs = [ms.run(f"busybox taskset -c {c} /timer_check {COUNT} {PERIOD_MS}; echo rc=$?", 300, f"timer_check on CPU {c}")
                for c in range(cpus)]
-        text = ms.run("cat /proc/interrupts")
-        after, after_cols = irq_counts(text), pvce_columns(text)
+        after = irq_rows(ms.run("cat /proc/interrupts"))
+        after_cols = pvce_rows(after)
         report["list"] = ms.run(f"cat {CLOCKEVENTS} /sys/devices/system/clockevents/broadcast/current_device 2>&1")
         # End with a reboot (test_boot_stock ends with poweroff -f): Linux
         # resets through the i8042, and kvmkit stops with status 0.
@@ -126,7 +121,7 @@ def test_pvce_module_takes_over_the_tick(linux_snapshot: LinuxSnapshot,
     summary = {
         "sleep 1 per CPU (guest s, host s)": "; ".join(f"{g:.2f}, {h:.1f}" for g, h in sleeps),
         "usleep 200000 (guest s, host s)": f"{usleep[0]:.2f}, {usleep[1]:.1f}",
-        "LOC before/loaded/after": f"{before.get('LOC')}/{loaded.get('LOC')}/{after.get('LOC')}",
+        "LOC before/loaded/after": "/".join(str(sum(r.get("LOC", []))) for r in (before, loaded, after)),
         "pvce per CPU loaded/after": f"{loaded_cols}/{after_cols}",
         "timer_check": [tc.strip() for tc in tcs],
     }
